@@ -114,6 +114,11 @@ class ScalingConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, gt=0.0)
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 retries forever.")
+    wait_for_resources: bool = Field(
+        False,
+        description="On autoscaling clusters: wait for nodes to join instead of failing fast when "
+        "the workers (or a GPU) do not fit the cluster as it is now.",
+    )
 
     @field_validator("use_gpu", mode="before")
     @classmethod
@@ -206,6 +211,17 @@ class ServeConfig(_Section):
         return v
 
 
+class RayConfig(_Section):
+    """How raypipe reaches Ray when it has to start or join it itself."""
+
+    address: str | None = Field(
+        None, description="None: $RAY_ADDRESS, else the running local cluster, else a new one."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a newly started local Ray.")
+    include_dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+
+
 class RaypipeConfig(_Section):
     """The whole config. Every stage reads its own section; ``workdir`` anchors the defaults."""
 
@@ -214,6 +230,7 @@ class RaypipeConfig(_Section):
     storage_path: str | None = Field(
         None, description="Ray Train/Tune storage (shared FS or s3:// on clusters)."
     )
+    ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -269,7 +286,7 @@ def search_space_problems(space: dict[str, Any], config_tree: dict[str, Any]) ->
                 problems.append(f"{where}: '{path}' is not a config key")
                 break
             node = node[part]
-        if path.split(".")[0] in ("tune", "serve", "registry", "tracking"):
+        if path.split(".")[0] in ("tune", "serve", "registry", "tracking", "ray"):
             problems.append(f"{where}: only data/model/train/scaling keys can be searched")
         if not isinstance(spec, dict) or len(spec) != 1:
             problems.append(f"{where}: give exactly one of {sorted(_SPACE_KINDS)}, e.g. {{choice: [16, 32]}}")

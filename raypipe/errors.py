@@ -48,3 +48,9 @@ class MissingExtraError(RaypipeError):
             f"{purpose} needs the '{package}' package, which is not installed. "
             f"Install it with: pip install 'raypipe[{extra}]'"
         )
+
+
+class TrainingError(RaypipeError):
+    """Training ran and failed (after any retries); the message says what is left behind."""
+
+    exit_code = 1

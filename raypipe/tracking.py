@@ -99,3 +99,72 @@ def git_sha(cwd: str | None = None) -> str | None:
 
 def ui_hint(cfg: Any) -> str:
     return f"raypipe ui --config <your config>   (or: mlflow ui --backend-store-uri {redact_uri(cfg.resolved_tracking_uri)} --host 127.0.0.1)"
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"
+    }
+
+
+class EpochLogger:
+    """Logs each epoch's metrics to one MLflow run with step = epoch, at most once per step.
+
+    Restart-safe: the steps already in the run are read back from MLflow before the first write,
+    so a resumed worker group (or a restarted controller) never logs an epoch twice.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self._logged: set[int] | None = None
+
+    def _client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def logged_steps(self) -> set[int]:
+        if self._logged is None:
+            history = self._client().get_metric_history(self.run_id, "val_loss")
+            self._logged = {m.step for m in history}
+        return self._logged
+
+    def log(self, metrics: dict[str, Any]) -> bool:
+        import time
+
+        from mlflow.entities import Metric
+
+        step = int(metrics["epoch"])
+        if step in self.logged_steps():
+            return False
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, v, ts, step) for k, v in _numeric(metrics).items()]
+        self._client().log_batch(self.run_id, metrics=batch)
+        self._logged.add(step)  # type: ignore[union-attr]
+        return True
+
+
+def train_callback(tracking_uri: str, run_id: str) -> Any:
+    """A Ray Train ``UserCallback`` that logs every report to the run (runs on the controller)."""
+    from ray.train import UserCallback
+
+    class MLflowEpochCallback(UserCallback):
+        def __init__(self) -> None:
+            self.logger = EpochLogger(tracking_uri, run_id)
+            self.failures = 0
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if metrics and metrics[0]:
+                self.logger.log(metrics[0])  # rank 0's metrics are the run's metrics
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            self.failures += 1
+            first = next(iter(worker_exceptions.values()), None)
+            client = self.logger._client()
+            client.set_tag(run_id, "raypipe.worker_failures", str(self.failures))
+            client.set_tag(run_id, "raypipe.last_worker_error", repr(first)[:4000])
+
+    return MLflowEpochCallback()

@@ -1,0 +1,303 @@
+"""The driver side of training: data -> Ray Datasets -> ``TorchTrainer`` -> MLflow run.
+
+``run(cfg)`` is what ``raypipe train``, the notebook and every Tune trial call. It validates
+everything it can (data, model source, resources) before any Ray work starts, then builds a
+``TorchTrainer`` whose ``ScalingConfig`` alone decides CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raypipe.config import RaypipeConfig, flatten
+from raypipe.data import Splits, load_splits, to_ray_dataset
+from raypipe.errors import TrainingError
+from raypipe.model import TRAIN_STATE_FILE, read_meta, resolve_model_source
+from raypipe.tracking import redact_uri, safe_params, ui_hint
+
+
+@dataclass
+class TrainResult:
+    """What a training run leaves behind, handed to evaluation, registration and serving."""
+
+    run_name: str
+    run_path: str
+    best_checkpoint: str | None
+    metric: str
+    best_value: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    fingerprint: str | None = None
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    early_stopped: bool = False
+
+    def summary(self) -> str:
+        lines = [
+            f"Training run {self.run_name}: {len(self.history)} epoch(s)"
+            + (" (early stopped)" if self.early_stopped else ""),
+            f"  best {self.metric}: {self.best_value:.4f}" if self.best_value is not None else "  no epoch finished",
+            f"  best checkpoint:   {self.best_checkpoint}",
+            f"  Ray run dir:       {self.run_path}",
+        ]
+        if self.mlflow_run_id:
+            lines += [
+                f"  MLflow run id:     {self.mlflow_run_id}",
+                f"  MLflow store:      {redact_uri(self.tracking_uri or '')}",
+            ]
+        return "\n".join(lines)
+
+
+def make_run_name(cfg: RaypipeConfig) -> str:
+    # A fresh name per run: Train V2 resumes a run whose name already exists in storage.
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{int(time.time() * 1000) % 1000:03d}"
+
+
+def prepare_datasets(cfg: RaypipeConfig, splits: Splits) -> dict[str, Any]:
+    source = resolve_model_source(cfg.model.name)
+    return {
+        name: to_ray_dataset(frame, splits, source, cfg.data.max_length)
+        for name, frame in (("train", splits.train), ("val", splits.val))
+    }
+
+
+def build_trainer(
+    cfg: RaypipeConfig,
+    splits: Splits,
+    datasets: dict[str, Any],
+    *,
+    run_name: str,
+    callbacks: list[Any] | None = None,
+    train_loop: Any = None,
+) -> Any:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raypipe.loop import train_loop_per_worker
+    from raypipe.runtime import WORKER_ENV, check_fits, resolve_use_gpu, worker_resources
+
+    use_gpu = resolve_use_gpu(cfg)
+    if cfg.scaling.num_workers > 0:
+        check_fits(cfg, use_gpu)
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "labels": splits.labels, "fingerprint": splits.fingerprint}
+    if cfg.scaling.num_workers == 0:
+        loop_config["local_checkpoint_root"] = str(Path(cfg.resolved_storage_path) / run_name)
+    return TorchTrainer(
+        train_loop or train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=worker_resources(cfg, use_gpu) if cfg.scaling.num_workers else None,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=cfg.resolved_storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=cfg.train.metric,
+                checkpoint_score_order=cfg.train.resolved_mode,
+            ),
+            callbacks=callbacks or None,
+            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
+        ),
+        datasets=datasets,
+    )
+
+
+def local_dir(checkpoint: Any, into: Path) -> str:
+    """A local path for a Ray checkpoint (downloaded when storage is remote, e.g. s3://)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    into.mkdir(parents=True, exist_ok=True)
+    return checkpoint.to_directory(str(into / Path(checkpoint.path).name))
+
+
+def run(
+    cfg: RaypipeConfig,
+    *,
+    splits: Splits | None = None,
+    callbacks: list[Any] | None = None,
+    track: bool = True,
+    run_name: str | None = None,
+    train_loop: Any = None,
+) -> TrainResult:
+    """Fine-tune as configured. ``track=False`` leaves logging to the caller (Tune does it).
+
+    ``train_loop`` replaces the worker function (default ``raypipe.loop.train_loop_per_worker``);
+    a wrapper around the default is how fault-injection tests reach inside the workers.
+    """
+    # Everything that can be checked without Ray is checked first.
+    resolve_model_source(cfg.model.name)
+    splits = splits or load_splits(cfg.data)
+    for note in splits.notes:
+        print(f"[raypipe] data: {note}")
+    print(f"[raypipe] data: {splits.summary()}")
+
+    from raypipe.runtime import ensure_ray
+
+    ensure_ray(cfg)
+    run_name = run_name or make_run_name(cfg)
+    datasets = prepare_datasets(cfg, splits)
+    callbacks = list(callbacks or [])
+    mlflow_run = None
+    if track:
+        mlflow_run = _start_mlflow_run(cfg, splits, run_name)
+        from raypipe.tracking import train_callback
+
+        callbacks.append(train_callback(cfg.resolved_tracking_uri, mlflow_run))
+    trainer = build_trainer(cfg, splits, datasets, run_name=run_name, callbacks=callbacks, train_loop=train_loop)
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        outcome = _failed(cfg, run_name, exc)
+        if mlflow_run:
+            _finish_failed(cfg, mlflow_run, exc, outcome)
+        raise TrainingError(
+            f"training run {run_name} failed: {exc}\n"
+            + (f"  best checkpoint so far: {outcome}" if outcome else "  no checkpoint was saved")
+        ) from exc
+    print(f"[raypipe] training finished in {time.perf_counter() - t0:.1f}s")
+    out = _result(cfg, splits, run_name, result)
+    if mlflow_run:
+        _finish_mlflow_run(cfg, mlflow_run, out)
+        out.mlflow_run_id = mlflow_run
+        out.tracking_uri = cfg.resolved_tracking_uri
+        print(f"[raypipe] open the MLflow UI: {ui_hint(cfg)}")
+    return out
+
+
+def _local_mode_checkpoints(cfg: RaypipeConfig, run_name: str) -> tuple[str | None, str | None]:
+    """(best, latest) for a local-mode run, keeping best-k + latest as Ray does elsewhere."""
+    root = Path(cfg.resolved_storage_path) / run_name
+    dirs = sorted(root.glob("checkpoint_epoch_*"))
+    if not dirs:
+        return None, None
+    sign = -1 if cfg.train.resolved_mode == "max" else 1
+    ranked = sorted(dirs, key=lambda d: sign * read_meta(d)["metrics"][cfg.train.metric])
+    for stale in set(dirs) - set(ranked[: cfg.train.keep_checkpoints]) - {dirs[-1]}:
+        shutil.rmtree(stale)
+    return str(ranked[0]), str(dirs[-1])
+
+
+def _result(cfg: RaypipeConfig, splits: Splits, run_name: str, result: Any) -> TrainResult:
+    metric, mode = cfg.train.metric, cfg.train.resolved_mode
+    if cfg.scaling.num_workers == 0:
+        best_dir, latest_dir = _local_mode_checkpoints(cfg, run_name)
+        run_path = str(Path(cfg.resolved_storage_path) / run_name)
+    else:
+        best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
+        cache = cfg.workdir_path / "checkpoints" / run_name
+        best_dir = local_dir(best, cache) if best else None
+        latest_dir = local_dir(result.checkpoint, cache) if result.checkpoint else best_dir
+        run_path = str(result.path)
+    latest_meta = read_meta(latest_dir) if latest_dir else {}
+    best_meta = read_meta(best_dir) if best_dir else {}
+    return TrainResult(
+        run_name=run_name,
+        run_path=run_path,
+        best_checkpoint=best_dir,
+        metric=metric,
+        best_value=best_meta.get("metrics", {}).get(metric),
+        history=latest_meta.get("history", []),
+        labels=splits.labels,
+        fingerprint=splits.fingerprint,
+        early_stopped=bool(latest_meta.get("early_stopped")),
+    )
+
+
+def _failed(cfg: RaypipeConfig, run_name: str, exc: Exception) -> str | None:
+    """The best checkpoint a failed run still has on storage, if any."""
+    try:
+        import ray.train
+
+        res = ray.train.Result.from_path(str(Path(cfg.resolved_storage_path) / run_name))
+        best = res.get_best_checkpoint(cfg.train.metric, cfg.train.resolved_mode) if res.best_checkpoints else None
+        return best.path if best else None
+    except Exception:  # the run may have died before writing anything
+        return None
+
+
+def _start_mlflow_run(cfg: RaypipeConfig, splits: Splits, run_name: str) -> str:
+    from raypipe.tracking import configure, version_tags
+
+    client, exp_id = configure(cfg)
+    tags = {
+        **version_tags(cfg, splits.fingerprint),
+        "raypipe.stage": "train",
+        "raypipe.ray_run": run_name,
+        "mlflow.runName": cfg.tracking.run_name or run_name,
+    }
+    run = client.create_run(exp_id, tags=tags, run_name=cfg.tracking.run_name or run_name)
+    from mlflow.entities import Param
+
+    params = safe_params(flatten(cfg.model_dump(mode="json")))
+    params.update({"data.num_labels": str(len(splits.labels)), "data.train_size": str(len(splits.train))})
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    print(f"[raypipe] MLflow run {run.info.run_id} in experiment '{cfg.tracking.experiment}'")
+    return run.info.run_id
+
+
+def _finish_mlflow_run(cfg: RaypipeConfig, run_id: str, out: TrainResult) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from raypipe import plots
+    from raypipe.tracking import EpochLogger
+
+    client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
+    logger = EpochLogger(cfg.resolved_tracking_uri, run_id)
+    for epoch_metrics in out.history:  # local mode has no callbacks; elsewhere this is a no-op
+        logger.log(epoch_metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        (t / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (t / "labels.json").write_text(json.dumps(out.labels, indent=2))
+        client.log_artifact(run_id, str(t / "config.yaml"))
+        client.log_artifact(run_id, str(t / "labels.json"))
+        if out.history:
+            fig = plots.learning_curves(out.history, title=f"{out.run_name}")
+            fig.savefig(t / "learning_curves.png", dpi=110)
+            client.log_artifact(run_id, str(t / "learning_curves.png"), "plots")
+        if out.best_checkpoint:
+            meta = read_meta(out.best_checkpoint)
+            if meta.get("confusion"):
+                fig = plots.confusion_matrix(
+                    meta["confusion"], out.labels, title=f"validation, epoch {meta.get('epoch')}"
+                )
+                fig.savefig(t / "confusion_matrix.png", dpi=110)
+                client.log_artifact(run_id, str(t / "confusion_matrix.png"), "plots")
+            if cfg.tracking.log_checkpoint:
+                ckpt = t / "checkpoint"
+                shutil.copytree(out.best_checkpoint, ckpt, ignore=shutil.ignore_patterns(TRAIN_STATE_FILE))
+                client.log_artifacts(run_id, str(ckpt), "checkpoint")
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+    if out.best_value is not None:
+        client.log_metric(run_id, f"best_{out.metric}", out.best_value)
+    client.set_tag(run_id, "raypipe.best_checkpoint", out.best_checkpoint or "")
+    client.set_tag(run_id, "raypipe.early_stopped", str(out.early_stopped).lower())
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _finish_failed(cfg: RaypipeConfig, run_id: str, exc: Exception, best: str | None) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
+    client.set_tag(run_id, "raypipe.error", repr(exc)[:4000])
+    client.set_tag(run_id, "raypipe.best_checkpoint", best or "")
+    client.set_terminated(run_id, "FAILED")
