@@ -74,6 +74,7 @@ def build_trainer(
     splits: Splits,
     datasets: dict[str, Any],
     *,
+    use_gpu: bool,
     run_name: str,
     callbacks: list[Any] | None = None,
     train_loop: Any = None,
@@ -82,11 +83,8 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from raypipe.loop import train_loop_per_worker
-    from raypipe.runtime import WORKER_ENV, check_fits, resolve_use_gpu, worker_resources
+    from raypipe.runtime import WORKER_ENV, worker_resources
 
-    use_gpu = resolve_use_gpu(cfg)
-    if cfg.scaling.num_workers > 0:
-        check_fits(cfg, use_gpu)
     loop_config = {"cfg": cfg.model_dump(mode="json"), "labels": splits.labels, "fingerprint": splits.fingerprint}
     if cfg.scaling.num_workers == 0:
         loop_config["local_checkpoint_root"] = str(Path(cfg.resolved_storage_path) / run_name)
@@ -145,9 +143,12 @@ def run(
         print(f"[raypipe] data: {note}")
     print(f"[raypipe] data: {splits.summary()}")
 
-    from raypipe.runtime import ensure_ray
+    from raypipe.runtime import check_fits, ensure_ray, resolve_use_gpu
 
     ensure_ray(cfg)
+    use_gpu = resolve_use_gpu(cfg)
+    if cfg.scaling.num_workers > 0:
+        check_fits(cfg, use_gpu)
     run_name = run_name or make_run_name(cfg)
     datasets = prepare_datasets(cfg, splits)
     callbacks = list(callbacks or [])
@@ -157,7 +158,9 @@ def run(
         from raypipe.tracking import train_callback
 
         callbacks.append(train_callback(cfg.resolved_tracking_uri, mlflow_run))
-    trainer = build_trainer(cfg, splits, datasets, run_name=run_name, callbacks=callbacks, train_loop=train_loop)
+    trainer = build_trainer(
+        cfg, splits, datasets, use_gpu=use_gpu, run_name=run_name, callbacks=callbacks, train_loop=train_loop
+    )
     t0 = time.perf_counter()
     try:
         result = trainer.fit()

@@ -1,0 +1,182 @@
+"""Integration: real local Ray, a tiny random-init BERT with a real tokenizer, generated data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raypipe.config import config_from_dict
+from raypipe.errors import ConfigError
+
+pytestmark = pytest.mark.ray
+
+
+def _cfg(tiny_config, **over):
+    tree = tiny_config.model_dump(mode="json")
+    for dotted, value in over.items():
+        node = tree
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config_from_dict(tree)
+
+
+def _runs(cfg):
+    client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_two_worker_run_learns_and_logs_every_epoch(ray_local, tiny_config):
+    from raypipe.data import load_splits
+    from raypipe.metrics import from_confusion
+    from raypipe.predict import Predictor
+    from raypipe.training import run
+
+    cfg = _cfg(tiny_config, scaling__num_workers=2, train__epochs=4)
+    result = run(cfg)
+
+    losses = [h["train_loss"] for h in result.history]
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert losses[-1] < losses[0], losses
+    assert result.best_value is not None and result.best_value > 0.6  # chance is 1/3
+
+    client, runs = _runs(cfg)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    assert run_id == result.mlflow_run_id
+    for key in ("val_loss", "val_accuracy", "val_macro_f1", "train_loss"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4]
+    params = runs[0].data.params
+    assert params["train.lr"] == str(cfg.train.lr) and params["scaling.num_workers"] == "2"
+    assert runs[0].data.tags["data.fingerprint"] == result.fingerprint
+    assert runs[0].data.tags["version.ray"].startswith("2.")
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"checkpoint", "plots", "config.yaml", "labels.json"} <= artifacts
+    assert {"checkpoint/model.safetensors", "checkpoint/raypipe.json"} <= {
+        a.path for a in client.list_artifacts(run_id, "checkpoint")
+    }
+    assert {"plots/learning_curves.png", "plots/confusion_matrix.png"} <= {
+        a.path for a in client.list_artifacts(run_id, "plots")
+    }
+
+    # The saved checkpoint, reloaded offline, reproduces the validation score the workers reported.
+    splits = load_splits(cfg.data)
+    pred = Predictor.from_dir(result.best_checkpoint, device="cpu")
+    probs = pred.predict_proba(list(splits.val["text"]))
+    y_true = splits.label_ids(splits.val).to_numpy()
+    cm = np.zeros((3, 3), dtype=int)
+    np.add.at(cm, (y_true, probs.argmax(1)), 1)
+    assert from_confusion(cm)["macro_f1"] == pytest.approx(result.best_value, abs=1e-6)
+
+
+def test_worker_failure_resumes_from_checkpoint_into_the_same_mlflow_run(ray_local, tiny_config, tmp_path, capfd):
+    from raypipe.training import run
+
+    marker = str(tmp_path / "failed-once")
+
+    def flaky_loop(config):
+        # Make worker 1 raise once, in epoch 2, just before it would report.
+        import os
+
+        import ray.train
+
+        from raypipe.loop import train_loop_per_worker
+
+        real_report = ray.train.report
+
+        def report(metrics, checkpoint=None, **kw):
+            if metrics["epoch"] == 2 and ray.train.get_context().get_world_rank() == 1 and not os.path.exists(marker):
+                open(marker, "w").close()
+                raise RuntimeError("injected failure in epoch 2")
+            return real_report(metrics, checkpoint=checkpoint, **kw)
+
+        ray.train.report = report
+        try:
+            train_loop_per_worker(config)
+        finally:
+            ray.train.report = real_report
+
+    cfg = _cfg(tiny_config, scaling__num_workers=2, scaling__max_failures=1, train__epochs=3)
+    result = run(cfg, train_loop=flaky_loop)
+
+    assert (tmp_path / "failed-once").exists()
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    client, runs = _runs(cfg)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    assert runs[0].data.tags["raypipe.worker_failures"] == "1"
+    assert "injected failure" in runs[0].data.tags["raypipe.last_worker_error"]
+    for key in ("val_loss", "val_macro_f1"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3]
+    assert "resumed from the checkpoint of epoch 1" in capfd.readouterr().out
+
+
+def test_exhausted_failures_end_the_mlflow_run_failed_with_the_error(ray_local, tiny_config):
+    from raypipe.errors import TrainingError
+    from raypipe.training import run
+
+    def always_fails_in_epoch_2(config):
+        import ray.train
+
+        from raypipe.loop import train_loop_per_worker
+
+        real_report = ray.train.report
+
+        def report(metrics, checkpoint=None, **kw):
+            if metrics["epoch"] == 2:
+                raise RuntimeError("disk on fire")
+            return real_report(metrics, checkpoint=checkpoint, **kw)
+
+        ray.train.report = report
+        try:
+            train_loop_per_worker(config)
+        finally:
+            ray.train.report = real_report
+
+    cfg = _cfg(tiny_config, scaling__num_workers=1, scaling__max_failures=0, train__epochs=3)
+    with pytest.raises(TrainingError, match="best checkpoint so far: .*checkpoint") as err:
+        run(cfg, train_loop=always_fails_in_epoch_2)
+    assert "disk on fire" in str(err.value)
+    _, runs = _runs(cfg)
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert "disk on fire" in runs[0].data.tags["raypipe.error"]
+
+
+def test_local_mode_trains_in_process_and_still_logs_metrics(ray_local, tiny_config):
+    from raypipe.model import read_meta
+    from raypipe.training import run
+
+    cfg = _cfg(tiny_config, scaling__num_workers=0, train__epochs=3, train__keep_checkpoints=1)
+    result = run(cfg)
+    assert read_meta(result.best_checkpoint)["labels"] == ["food", "sport", "tech"]
+    client, runs = _runs(cfg)
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [1, 2, 3]
+    from pathlib import Path
+
+    kept = sorted(p.name for p in Path(result.run_path).glob("checkpoint_epoch_*"))
+    assert len(kept) <= 2 and "checkpoint_epoch_0003" in kept  # best-1 plus the latest
+
+
+def test_gpu_requested_without_gpu_fails_before_training(ray_local, tiny_config):
+    from raypipe.training import run
+
+    cfg = _cfg(tiny_config, scaling__use_gpu=True)
+    with pytest.raises(ConfigError, match="scaling.use_gpu"):
+        run(cfg)
+    _, runs = _runs(cfg)
+    assert runs == []  # nothing half-written
+
+
+def test_cli_train_prints_summary(ray_local, tiny_config, tmp_path, capsys):
+    import yaml
+
+    from raypipe.cli import main
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config.model_dump(mode="json")))
+    assert main(["train", str(path), "scaling.num_workers=0", "train.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "best val_macro_f1:" in out and "MLflow run id:" in out and "raypipe ui" in out
