@@ -1,0 +1,170 @@
+"""The MLflow pyfunc face of a raypipe checkpoint.
+
+Registering a checkpoint also saves it as an MLflow ``python_function`` model so that tools
+which only know MLflow (``mlflow.pyfunc.load_model("models:/name/3")``, ``mlflow models serve``,
+batch scoring with ``spark_udf``) can use it without knowing raypipe's layout. The pyfunc is a
+thin wrapper: it loads the same :class:`~raypipe.predict.Predictor` that serving and evaluation
+use, so every path returns the same labels and scores.
+
+Saved with MLflow's "models from code": the model dir holds a three-line Python entry file
+instead of a cloudpickled object, so loading never unpickles anything; the weights themselves
+are safetensors inside ``artifacts/checkpoint/``. Loading still imports ``raypipe`` (listed in
+the model's requirements), as any pyfunc runs its own code.
+
+Layout written by :func:`save`::
+
+    <path>/MLmodel                   python_function flavor, loader = the code entry below
+    <path>/raypipe_pyfunc_entry.py   `mlflow.models.set_model(RaypipeClassifier())`
+    <path>/requirements.txt, python_env.yaml, conda.yaml
+    <path>/artifacts/checkpoint/     the raypipe checkpoint (without train_state.pt)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+ENTRY_FILE = "raypipe_pyfunc_entry.py"
+# Files a training checkpoint may hold that a served model never needs (and which are not
+# safetensors: train_state.pt is a torch pickle, so it must not travel into the registry).
+EXCLUDED_FILES = frozenset({"train_state.pt"})
+
+_ENTRY_CODE = '''\
+"""MLflow "models from code" entry point written by raypipe: no pickles are loaded.
+
+The model reads the safetensors checkpoint in artifacts/checkpoint with raypipe's Predictor.
+"""
+import mlflow
+
+from raypipe.pyfunc import RaypipeClassifier
+
+mlflow.models.set_model(RaypipeClassifier())
+'''
+
+
+# MLflow warns at class definition that predict() has no type hints; that is deliberate (see the
+# class docstring). MLflow resets the warning filters inside its own check, so a filter cannot
+# silence it: record the warnings raised while the class is defined and re-emit all others.
+with warnings.catch_warnings(record=True) as _caught:
+
+    class RaypipeClassifier(mlflow.pyfunc.PythonModel):
+        """Text classifier over a raypipe checkpoint.
+
+        ``predict`` takes a list of strings, a pandas Series of strings, or a DataFrame with a
+        ``text`` column, and returns a DataFrame with one row per text: ``label``, ``score`` (the
+        probability of that label) and ``probabilities`` (a dict label -> probability), the same
+        fields :meth:`raypipe.predict.Predictor.predict` returns.
+
+        The ``predict`` signature has no type hints on purpose: a ``list[str]`` hint makes MLflow
+        reject Series input, and a named-column signature rejects plain lists.
+        """
+
+        def load_context(self, context: Any) -> None:
+            from raypipe.predict import Predictor
+
+            self.predictor = Predictor.from_dir(context.artifacts[CHECKPOINT_ARTIFACT])
+
+        def predict(self, context, model_input, params=None):  # noqa: ANN001 - see class docstring
+            import pandas as pd
+
+            texts = to_texts(model_input)
+            batch_size = int((params or {}).get("batch_size", 64))
+            rows = self.predictor.predict(texts, batch_size=batch_size)
+            return pd.DataFrame(
+                {
+                    "label": [r["label"] for r in rows],
+                    "score": [r["score"] for r in rows],
+                    "probabilities": [r["probabilities"] for r in rows],
+                }
+            )
+
+for _warning in _caught:
+    if "type hints" not in str(_warning.message):
+        warnings.warn_explicit(_warning.message, _warning.category, _warning.filename, _warning.lineno)
+del _caught, _warning
+
+
+def to_texts(model_input: Any) -> list[str]:
+    """Accept the input shapes people hand a pyfunc; say exactly what is wrong otherwise."""
+    import numpy as np
+    import pandas as pd
+
+    from raypipe.errors import DataError
+    from raypipe.predict import Predictor
+
+    if isinstance(model_input, pd.DataFrame):
+        if "text" in model_input.columns:
+            values = model_input["text"].tolist()
+        elif model_input.shape[1] == 1:  # what MLflow makes of a JSON list in `models serve`
+            values = model_input.iloc[:, 0].tolist()
+        else:
+            raise DataError(
+                f"a DataFrame input needs a 'text' column; it has {list(model_input.columns)}"
+            )
+    elif isinstance(model_input, (pd.Series, np.ndarray)):
+        values = list(model_input.tolist())
+    elif isinstance(model_input, str):
+        values = [model_input]  # one text is unambiguous here, unlike Predictor's list API
+    elif isinstance(model_input, (list, tuple)):
+        values = list(model_input)
+    else:
+        raise DataError(
+            f"cannot predict on {type(model_input).__name__}: pass a list of strings, a pandas "
+            "Series, or a DataFrame with a 'text' column"
+        )
+    return Predictor.check_texts(values)
+
+
+def pip_requirements() -> list[str]:
+    """Explicit requirements: MLflow's inference would import-trace the model and go looking for
+    torchvision (see DESIGN.md). torch is pinned by its public version only, so a CUDA build
+    (``+cu124``) and a CPU build (``+cpu``) both satisfy it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("raypipe", "mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy"):
+        try:
+            v = version(pkg).split("+", 1)[0]
+        except PackageNotFoundError:
+            reqs.append(pkg)
+            continue
+        reqs.append(f"{pkg}=={v}")
+    return reqs
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link where possible: a real model's weights are hundreds of MB and are only read."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def save(checkpoint_dir: str | os.PathLike[str], path: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Path:
+    """Write the pyfunc model for ``checkpoint_dir`` at ``path`` (which must not exist yet)."""
+    out = Path(path)
+    with tempfile.TemporaryDirectory(prefix="raypipe-pyfunc-") as tmp:
+        staged = Path(tmp) / CHECKPOINT_ARTIFACT  # the dir name becomes artifacts/<name>
+        shutil.copytree(
+            checkpoint_dir,
+            staged,
+            ignore=lambda _d, names: [n for n in names if n in EXCLUDED_FILES],
+            copy_function=_link_or_copy,
+        )
+        entry = Path(tmp) / ENTRY_FILE
+        entry.write_text(_ENTRY_CODE, encoding="utf-8")
+        mlflow.pyfunc.save_model(
+            str(out),
+            python_model=str(entry),
+            artifacts={CHECKPOINT_ARTIFACT: str(staged)},
+            pip_requirements=pip_requirements(),
+            metadata=metadata,
+        )
+    return out

@@ -1,0 +1,716 @@
+"""The only MLflow Model Registry code in raypipe: register, promote, resolve, list.
+
+Layout of a registered version (one copy of the weights, inside the run that registered it)::
+
+    <run artifacts>/model/                     the version's ``source``; an MLflow pyfunc model
+        MLmodel, raypipe_pyfunc_entry.py, requirements.txt, python_env.yaml, conda.yaml
+        artifacts/checkpoint/                  the raypipe checkpoint (no train_state.pt):
+            model.safetensors, config.json, tokenizer files, raypipe.json
+
+So ``mlflow.pyfunc.load_model("models:/name/3")`` works for MLflow-only tools, while
+:func:`resolve` downloads only ``artifacts/checkpoint/`` and hands raypipe's own
+:class:`~raypipe.predict.Predictor` a plain checkpoint dir: serving never executes registry code
+or unpickles anything, it reads safetensors and JSON.
+
+The version is created with ``MlflowClient.create_model_version(source=<artifact uri>)``:
+``mlflow.register_model`` on a plain artifact folder fails and leaves an empty registered model
+behind (DESIGN.md), and ``mlflow.pyfunc.log_model`` in MLflow 3 writes to a separate
+"logged model" location and needs the fluent active run, which the pipeline may already hold.
+Every call here goes through an explicit ``MlflowClient``, so no global MLflow run state is
+touched.
+
+Version tags (what ``raypipe models`` shows and the promotion gate reads):
+``test_accuracy``, ``test_macro_f1`` (when known), ``raypipe.source_run``,
+``raypipe.data_fingerprint``, ``raypipe.version``, ``raypipe.checkpoint``, ``raypipe.labels``,
+``raypipe.eval_run``, ``raypipe.promotion`` (promoted|rejected) and ``raypipe.promotion_reason``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from raypipe.errors import CheckpointError, RegistryError
+
+MODEL_ARTIFACT_PATH = "model"
+METRIC_KEYS = ("test_accuracy", "test_macro_f1")
+TAG_SOURCE_RUN = "raypipe.source_run"
+TAG_FINGERPRINT = "raypipe.data_fingerprint"
+TAG_RAYPIPE_VERSION = "raypipe.version"
+TAG_CHECKPOINT = "raypipe.checkpoint"
+TAG_LABELS = "raypipe.labels"
+TAG_EVAL_RUN = "raypipe.eval_run"
+TAG_PROMOTION = "raypipe.promotion"
+TAG_PROMOTION_REASON = "raypipe.promotion_reason"
+
+_URI_HELP = "use models:/NAME@ALIAS, models:/NAME/VERSION (a number or 'latest'), or a checkpoint dir"
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
+_CACHE_ENV = "RAYPIPE_MODEL_CACHE"
+
+
+@dataclass
+class ResolvedModel:
+    """A model URI turned into a local checkpoint dir, plus where it came from."""
+
+    path: str
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+    alias: str | None = None
+
+    def as_meta(self) -> dict[str, Any]:
+        """The lineage fields ``Predictor.meta`` (and so ``/metadata``) reports."""
+        return {"model_name": self.name, "model_version": self.version, "run_id": self.run_id}
+
+
+@dataclass
+class PromotionDecision:
+    """What the promotion gate decided and why; ``reason`` is meant to be printed as is."""
+
+    promoted: bool
+    reason: str
+    previous_version: str | None = None
+    previous_value: float | None = None
+    alias: str = "champion"
+    metric: str | None = None
+    value: float | None = None
+    forced: bool = False
+
+
+@dataclass
+class RegisterResult:
+    """A new registered version and the gate's decision about it."""
+
+    name: str
+    version: str
+    run_id: str
+    source: str
+    checkpoint: str
+    decision: PromotionDecision
+    metrics: dict[str, float] = field(default_factory=dict)
+    fingerprint: str | None = None
+    eval_run_id: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def alias_uri(self) -> str:
+        return f"models:/{self.name}@{self.decision.alias}"
+
+    def summary(self) -> str:
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(self.metrics.items())) or "(none)"
+        verdict = f"promoted to @{self.decision.alias}" if self.decision.promoted else f"not promoted to @{self.decision.alias}"
+        lines = [
+            f"Registered '{self.name}' version {self.version}",
+            f"  URI:        {self.uri}",
+            f"  checkpoint: {self.checkpoint}",
+            f"  MLflow run: {self.run_id}" + (f" (evaluation run {self.eval_run_id})" if self.eval_run_id else ""),
+            f"  metrics:    {shown}",
+            f"  promotion:  {verdict}: {self.decision.reason}",
+        ]
+        if self.decision.promoted:
+            lines.append(f"  serve it:   raypipe serve {self.alias_uri}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- stores and clients
+
+
+def default_tracking_uri() -> str:
+    """Where a bare ``models:/`` URI is looked up: $MLFLOW_TRACKING_URI, else raypipe's default
+    store (``sqlite:///raypipe-work/mlflow.db`` under the current dir), the same place a config
+    with default settings writes to."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    from raypipe.config import RaypipeConfig
+
+    return RaypipeConfig().resolved_tracking_uri
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    return None
+
+
+def _store_missing(uri: str) -> bool:
+    db = _sqlite_file(uri)
+    return db is not None and not db.is_file()
+
+
+def _client(tracking_uri: str) -> Any:
+    """A client on an existing store. Opening a sqlite URI creates an empty database, which
+    would turn a typo in a path into a silent "model not found"; refuse instead."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if _store_missing(tracking_uri):
+        raise RegistryError(
+            f"no MLflow store at {_sqlite_file(tracking_uri)}: nothing has been registered there. "
+            "Pass the config used to register (--config), or set MLFLOW_TRACKING_URI / "
+            "tracking.tracking_uri to the store that holds the model."
+        )
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _is_not_found(exc: Exception) -> bool:
+    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _mlflow_error(action: str, tracking_uri: str, exc: Exception) -> RegistryError:
+    from raypipe.tracking import redact_uri
+
+    msg = getattr(exc, "message", None) or str(exc)
+    return RegistryError(f"{action} failed on the MLflow store {redact_uri(tracking_uri)}: {msg}")
+
+
+def _all_registered_models(client: Any) -> Iterator[Any]:
+    token = None
+    while True:
+        page = client.search_registered_models(max_results=200, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _versions(client: Any, name: str) -> list[Any]:
+    quoted = name.replace("'", "\\'")
+    found = list(client.search_model_versions(f"name='{quoted}'"))
+    return sorted(found, key=lambda mv: int(mv.version), reverse=True)
+
+
+def _registered_model(client: Any, name: str) -> Any:
+    """The registered model, or a RegistryError naming the models that do exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if not _is_not_found(exc):
+            raise
+    names = sorted(rm.name for rm in _all_registered_models(client))
+    known = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "") if names else "none yet"
+    raise RegistryError(
+        f"no registered model named '{name}'; registered models: {known}. "
+        "Register one with `raypipe register <checkpoint>`."
+    ) from None
+
+
+def check_model_name(name: str) -> str:
+    """MLflow's own rules, checked up front so a bad name fails before anything is written."""
+    if not isinstance(name, str) or not name.strip():
+        raise RegistryError("registered model name must not be empty (registry.model_name or --name)")
+    if any(c in name for c in "/:@") or name != name.strip():
+        raise RegistryError(
+            f"registered model name '{name}' may not contain '/', ':' or '@' or surrounding spaces "
+            "(they would make models:/ URIs ambiguous)"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
+    m = _MODELS_URI.match(uri)
+    if not m:
+        raise RegistryError(f"cannot parse model URI '{uri}': {_URI_HELP}")
+    version = m.group("version")
+    if version is not None and not (version.isdigit() or version == "latest"):
+        raise RegistryError(
+            f"'{uri}': version '{version}' is not a number; {_URI_HELP} "
+            "(stages like 'Production' are deprecated in MLflow; use an alias such as @champion)"
+        )
+    return m.group("name"), m.group("alias"), version
+
+
+def _find_version(client: Any, name: str, alias: str | None, version: str | None) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    rm = _registered_model(client, name)
+    if alias is not None:
+        aliases = dict(getattr(rm, "aliases", {}) or {})
+        if alias not in aliases:
+            have = ", ".join(f"@{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
+            raise RegistryError(
+                f"model '{name}' has no alias '@{alias}'; its aliases: {have}. "
+                f"Use models:/{name}/VERSION, or register a checkpoint with the override "
+                f"registry.alias={alias} (the promotion gate sets the alias)."
+            )
+        version = str(aliases[alias])
+    versions = _versions(client, name)
+    if not versions:
+        raise RegistryError(f"model '{name}' has no versions yet; register a checkpoint first")
+    if version == "latest":
+        return versions[0]
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if not _is_not_found(exc):
+            raise
+    have = ", ".join(str(mv.version) for mv in versions)
+    raise RegistryError(f"model '{name}' has no version {version}; its versions: {have}") from None
+
+
+def cache_root(tracking_uri: str) -> Path:
+    """Downloaded versions live next to the sqlite store (so a workdir is self-contained and a
+    test's tmp dir cleans up after itself); for remote stores in the user cache dir.
+    ``$RAYPIPE_MODEL_CACHE`` overrides both (e.g. a fast local disk on a Serve node)."""
+    if os.environ.get(_CACHE_ENV):
+        return Path(os.environ[_CACHE_ENV]).expanduser()
+    db = _sqlite_file(tracking_uri)
+    if db is not None:
+        return db.resolve().parent / "model-cache"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "raypipe" / "models"
+
+
+def _checkpoint_subpath(mlmodel_file: Path) -> str:
+    """Where the pyfunc keeps the checkpoint, read from MLmodel rather than assumed, so a model
+    saved by a later raypipe with a different artifact layout still resolves."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(mlmodel_file.read_text(encoding="utf-8")) or {}
+        return str(doc["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"])
+    except (KeyError, TypeError, yaml.YAMLError):
+        return ""
+
+
+def _download(mv: Any, tracking_uri: str) -> Path:
+    """Fetch a version's checkpoint once; later calls (and other Serve replicas on the node)
+    reuse it. The cache key includes the store and the version's source, so a re-created store
+    whose "version 1" is a different model never gets a stale copy. Downloads land in a private
+    temp dir and are renamed into place, so a half-finished download is never seen as complete."""
+    import mlflow.artifacts
+
+    from raypipe.model import META_FILE, read_meta
+
+    key = hashlib.sha256(f"{tracking_uri}|{mv.name}|{mv.version}|{mv.source}|{mv.run_id}".encode()).hexdigest()[:12]
+    safe_name = re.sub(r"[^A-Za-z0-9._-]", "_", mv.name)
+    root = cache_root(tracking_uri) / safe_name
+    final = root / f"v{mv.version}-{key}"
+    checkpoint = final / "checkpoint"
+    if (checkpoint / META_FILE).is_file():
+        return checkpoint
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".download-{uuid.uuid4().hex}"
+    source = mv.source.rstrip("/")
+    try:
+        staging.mkdir()
+        try:
+            mlmodel = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source}/MLmodel", dst_path=str(staging / "meta"), tracking_uri=tracking_uri
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+            raise RegistryError(
+                f"version {mv.version} of '{mv.name}' (source {source}) has no readable MLmodel file: "
+                f"it was not registered by raypipe, or its artifacts are gone ({exc})"
+            ) from None
+        sub = _checkpoint_subpath(Path(mlmodel))
+        if not sub:
+            raise RegistryError(
+                f"version {mv.version} of '{mv.name}' is not a raypipe model: its MLmodel has no "
+                "'checkpoint' artifact (register checkpoints with `raypipe register`)"
+            )
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source}/{sub}", dst_path=str(staging / "dl"), tracking_uri=tracking_uri
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise RegistryError(f"cannot download the checkpoint of '{mv.name}' v{mv.version}: {exc}") from None
+        try:
+            read_meta(local)
+        except CheckpointError as exc:
+            raise RegistryError(f"'{mv.name}' v{mv.version} holds a broken checkpoint: {exc}") from None
+        (staging / "out").mkdir()
+        if Path(local).resolve().is_relative_to(staging.resolve()):
+            shutil.move(local, staging / "out" / "checkpoint")
+        else:  # an artifact repo may hand back its own local files: never move those
+            shutil.copytree(local, staging / "out" / "checkpoint")
+        try:
+            os.rename(staging / "out", final)
+        except OSError:
+            if not (checkpoint / META_FILE).is_file():  # not a lost race with another process
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return checkpoint
+
+
+def resolve(uri: str | os.PathLike[str], tracking_uri: str | None = None) -> ResolvedModel:
+    """A checkpoint dir as is, or a ``models:/`` URI downloaded (once) to a local checkpoint dir.
+
+    ``tracking_uri`` defaults to :func:`default_tracking_uri`; pass the config's
+    ``resolved_tracking_uri`` so the CLI and the library look in the same store.
+    """
+    from raypipe.model import read_meta
+
+    text = os.fspath(uri)
+    if not text.startswith("models:/"):
+        if "://" in text or text.startswith(("models:", "runs:")):
+            raise RegistryError(f"unsupported model URI '{text}': {_URI_HELP}")
+        path = Path(text).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"'{text}' is not a checkpoint directory (no such directory) and not a models:/ URI")
+        read_meta(path)
+        return ResolvedModel(path=str(path.resolve()))
+    name, alias, version = parse_models_uri(text)
+    tracking_uri = tracking_uri or default_tracking_uri()
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        mv = _find_version(client, name, alias, version)
+        path = _download(mv, tracking_uri)
+    except MlflowException as exc:
+        raise _mlflow_error(f"resolving '{text}'", tracking_uri, exc) from None
+    return ResolvedModel(path=str(path), name=name, version=str(mv.version), run_id=mv.run_id, alias=alias)
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _alias_holder(client: Any, name: str, alias: str) -> Any:
+    rm = client.get_registered_model(name)
+    version = (getattr(rm, "aliases", {}) or {}).get(alias)
+    return client.get_model_version(name, str(version)) if version is not None else None
+
+
+def promote(
+    client: Any,
+    name: str,
+    version: str | int,
+    metric_name: str,
+    value: float | None,
+    alias: str = "champion",
+    min_improvement: float = 0.0,
+    force: bool = False,
+) -> PromotionDecision:
+    """Move ``alias`` to ``version`` only if it beats the current holder on ``metric_name``.
+
+    The holder's score is read from its own version tag, so the comparison survives restarts and
+    works for versions registered by other machines. A holder without that tag cannot be compared
+    and is kept (the safe choice); ``force`` moves the alias regardless. The decision is tagged
+    on the version so ``raypipe models`` and the MLflow UI show why a version is (not) serving.
+    """
+    version = str(version)
+    value = _as_float(value)
+    if value is not None:
+        client.set_model_version_tag(name, version, metric_name, repr(value))
+    holder = _alias_holder(client, name, alias)
+    prev_version = str(holder.version) if holder is not None else None
+    prev_value = _as_float(holder.tags.get(metric_name)) if holder is not None else None
+    prev_text = (
+        f"v{prev_version} ({metric_name}={prev_value:.4f})" if prev_value is not None else f"v{prev_version}"
+    ) if holder is not None else "no previous holder"
+    value_text = f"{metric_name}={value:.4f}" if value is not None else f"no {metric_name}"
+
+    if prev_version == version:
+        promoted, reason = True, f"v{version} already holds @{alias}"
+    elif force:
+        promoted, reason = True, f"forced: @{alias} moved to v{version} ({value_text}); was {prev_text}"
+    elif value is None:
+        promoted, reason = False, (
+            f"cannot gate v{version}: it has no {metric_name} (pass the metric, or set data.path so "
+            f"it is evaluated on the test split); @{alias} unchanged ({prev_text}). "
+            "Use --force to promote anyway."
+        )
+    elif holder is None:
+        promoted, reason = True, f"no version held @{alias}; v{version} ({value_text}) takes it"
+    elif prev_value is None:
+        promoted, reason = False, (
+            f"@{alias} holder v{prev_version} has no {metric_name} tag to compare against, so it is "
+            f"kept; evaluate it or use --force"
+        )
+    elif value > prev_value + min_improvement:
+        promoted, reason = True, (
+            f"{metric_name} {value:.4f} beats @{alias} v{prev_version} ({prev_value:.4f}) by "
+            f"{value - prev_value:+.4f} (needed > {min_improvement:g})"
+        )
+    else:
+        promoted, reason = False, (
+            f"{metric_name} {value:.4f} does not beat @{alias} v{prev_version} ({prev_value:.4f}) by "
+            f"more than {min_improvement:g}; @{alias} stays on v{prev_version}"
+        )
+    if promoted and prev_version != version:
+        client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, TAG_PROMOTION, "promoted" if promoted else "rejected")
+    client.set_model_version_tag(name, version, TAG_PROMOTION_REASON, reason)
+    return PromotionDecision(
+        promoted=promoted,
+        reason=reason,
+        previous_version=prev_version,
+        previous_value=prev_value,
+        alias=alias,
+        metric=metric_name,
+        value=value,
+        forced=force and promoted and prev_version != version,
+    )
+
+
+# --------------------------------------------------------------------------- register
+
+
+def _check_checkpoint(path: Path) -> dict[str, Any]:
+    """Everything that can be wrong with the checkpoint is found here, before the registry is
+    touched: the meta file, the weights, the tokenizer and the label count must all load."""
+    from raypipe.model import load_checkpoint
+
+    _model, _tokenizer, meta = load_checkpoint(path, device="cpu")
+    return meta
+
+
+def _free_artifact_path(client: Any, run_id: str) -> str:
+    """``model``, or ``model-2``... when the run already holds a registered model (re-registering
+    a training run must not overwrite the files an earlier version points at)."""
+    taken = {f.path for f in client.list_artifacts(run_id)}
+    if MODEL_ARTIFACT_PATH not in taken:
+        return MODEL_ARTIFACT_PATH
+    n = 2
+    while f"{MODEL_ARTIFACT_PATH}-{n}" in taken:
+        n += 1
+    return f"{MODEL_ARTIFACT_PATH}-{n}"
+
+
+def _clean_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        if value is None:
+            continue
+        number = _as_float(value)
+        if number is None or number != number:
+            raise RegistryError(f"metric '{key}' must be a number, got {value!r}")
+        out[str(key)] = number
+    return out
+
+
+def register_checkpoint(
+    path: str | os.PathLike[str],
+    cfg: Any,
+    name: str | None = None,
+    force: bool = False,
+    metrics: dict[str, float] | None = None,
+    source_run_id: str | None = None,
+    fingerprint: str | None = None,
+) -> RegisterResult:
+    """Register a checkpoint dir as a new version of ``name`` and run the promotion gate.
+
+    Order matters: the name and the checkpoint are checked, and the missing promotion metric is
+    computed (``raypipe.evaluation.run`` on the config's test split), before anything is written
+    to the registry, so a bad checkpoint or bad data leaves no empty model or stray version.
+    ``source_run_id`` (the training run) receives the model artifacts; without it a "register"
+    run is created in ``cfg.tracking.experiment``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from raypipe import __version__
+    from raypipe.pyfunc import save as save_pyfunc
+    from raypipe.tracking import configure, version_tags
+
+    name = check_model_name(name or cfg.registry.model_name)
+    ckpt = Path(path).expanduser()
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is not a directory")
+    ckpt = ckpt.resolve()
+    meta = _check_checkpoint(ckpt)
+    metrics = _clean_metrics(metrics)
+    gate = cfg.registry.promotion_metric
+    eval_run_id = None
+    if gate not in metrics and cfg.data.path:
+        from raypipe.evaluation import run as evaluate
+
+        print(f"register: no {gate} given; evaluating {ckpt} on the config's test split for the promotion gate")
+        evaluated = evaluate(str(ckpt), cfg, log_to_mlflow=True)
+        metrics = {**evaluated.metrics, **metrics}
+        fingerprint = fingerprint or evaluated.fingerprint
+        eval_run_id = evaluated.run_id
+    fingerprint = fingerprint or meta.get("data_fingerprint") or meta.get("fingerprint")
+
+    uri = cfg.resolved_tracking_uri
+    try:
+        client, experiment_id = configure(cfg)
+        if source_run_id is not None:
+            try:
+                client.get_run(source_run_id)
+            except MlflowException:
+                raise RegistryError(f"source run '{source_run_id}' does not exist in the MLflow store {uri}") from None
+    except MlflowException as exc:
+        raise _mlflow_error("opening the registry", uri, exc) from None
+
+    own_run = source_run_id is None
+    run_id: str | None = source_run_id
+    created_model = False
+    version: str | None = None
+    try:
+        if own_run:
+            run = client.create_run(
+                experiment_id,
+                run_name=f"{cfg.name}-register",
+                tags={**version_tags(cfg, fingerprint), "raypipe.stage": "register", TAG_CHECKPOINT: str(ckpt)},
+            )
+            run_id = run.info.run_id
+            for key, value in metrics.items():
+                client.log_metric(run_id, key, value)
+        artifact_path = _free_artifact_path(client, run_id)
+        with tempfile.TemporaryDirectory(prefix="raypipe-register-") as tmp:
+            model_dir = save_pyfunc(
+                ckpt,
+                Path(tmp) / MODEL_ARTIFACT_PATH,
+                metadata={"raypipe_version": __version__, "labels": list(meta["labels"])},
+            )
+            client.log_artifacts(run_id, str(model_dir), artifact_path)
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+        try:
+            client.create_registered_model(name, description="Text classifier registered by raypipe.")
+            created_model = True
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        tags = {
+            TAG_SOURCE_RUN: run_id,
+            TAG_RAYPIPE_VERSION: __version__,
+            TAG_CHECKPOINT: str(ckpt),
+            TAG_LABELS: ",".join(map(str, meta["labels"])),
+            **{k: repr(v) for k, v in metrics.items() if k in METRIC_KEYS},
+        }
+        if fingerprint:
+            tags[TAG_FINGERPRINT] = str(fingerprint)
+        if eval_run_id:
+            tags[TAG_EVAL_RUN] = eval_run_id
+        mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+        version = str(mv.version)
+        client.set_tag(run_id, "raypipe.registered_as", f"models:/{name}/{version}")
+        decision = promote(
+            client,
+            name,
+            version,
+            gate,
+            metrics.get(gate),
+            alias=cfg.registry.alias,
+            min_improvement=cfg.registry.min_improvement,
+            force=force,
+        )
+    except BaseException as exc:
+        if own_run and run_id is not None:
+            _quietly(client.set_terminated, run_id, "FAILED")
+        if created_model and version is None:
+            _quietly(client.delete_registered_model, name)  # leave no empty model behind
+        if isinstance(exc, MlflowException):
+            raise _mlflow_error(f"registering '{name}'", uri, exc) from None
+        raise
+    if own_run:
+        client.set_terminated(run_id, "FINISHED")
+    return RegisterResult(
+        name=name,
+        version=version,
+        run_id=run_id,
+        source=source,
+        checkpoint=str(ckpt),
+        decision=decision,
+        metrics=metrics,
+        fingerprint=fingerprint,
+        eval_run_id=eval_run_id,
+    )
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    """Cleanup after a failure must not hide the failure itself."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# --------------------------------------------------------------------------- list
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def list_models(cfg: Any, name: str | None = None) -> str:
+    """A table of registered versions: aliases, gate metrics, promotion decision, source run."""
+    from mlflow.exceptions import MlflowException
+
+    from raypipe.tracking import redact_uri
+
+    uri = cfg.resolved_tracking_uri
+    if _store_missing(uri):
+        return (
+            f"No registered models: there is no MLflow store at {_sqlite_file(uri)} yet.\n"
+            "Register a checkpoint with `raypipe register <checkpoint dir> --config <config>`."
+        )
+    if name is not None:
+        check_model_name(name)
+    client = _client(uri)
+    try:
+        models = [_registered_model(client, name)] if name else sorted(_all_registered_models(client), key=lambda m: m.name)
+        rows = []
+        for rm in models:
+            by_version: dict[str, list[str]] = {}
+            for alias, v in (getattr(rm, "aliases", {}) or {}).items():
+                by_version.setdefault(str(v), []).append(f"@{alias}")
+            for mv in _versions(client, rm.name):
+                tags = mv.tags or {}
+                created = datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M")
+                rows.append(
+                    [
+                        rm.name,
+                        str(mv.version),
+                        " ".join(sorted(by_version.get(str(mv.version), []))) or "-",
+                        *(_fmt_metric(tags.get(k)) for k in METRIC_KEYS),
+                        tags.get(TAG_PROMOTION, "-"),
+                        mv.run_id or "-",
+                        created,
+                    ]
+                )
+    except MlflowException as exc:
+        raise _mlflow_error("listing models", uri, exc) from None
+    if not rows:
+        return f"No registered models in {redact_uri(uri)}."
+    table = _table(["MODEL", "VERSION", "ALIASES", *METRIC_KEYS, "PROMOTION", "SOURCE RUN", "CREATED"], rows)
+    return f"{table}\n\nStore: {redact_uri(uri)}   Use models:/NAME/VERSION or models:/NAME@ALIAS."
+
+
+def _fmt_metric(value: Any) -> str:
+    number = _as_float(value)
+    return f"{number:.4f}" if number is not None else "-"
+
+
+__all__ = [
+    "PromotionDecision",
+    "RegisterResult",
+    "ResolvedModel",
+    "cache_root",
+    "check_model_name",
+    "default_tracking_uri",
+    "list_models",
+    "parse_models_uri",
+    "promote",
+    "register_checkpoint",
+    "resolve",
+]
