@@ -174,6 +174,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         best, bad_epochs = state["best"], int(state["bad_epochs"])
         history = list(state["history"])
         log(f"[raypipe] resumed from the checkpoint of epoch {start_epoch - 1}")
+        stopped = bool(tc.early_stopping and bad_epochs >= tc.early_stopping.patience)
+        if (start_epoch > tc.epochs or stopped) and history:
+            # Nothing left to train (the run ended right after its last checkpoint): report the
+            # final metrics again so whoever listens (Tune) sees the run's result.
+            ray.train.report(history[-1])
+            return
     if start_epoch == 1:
         log(
             f"[raypipe] {world} worker(s) on {device.type}, {rows_per_worker} rows/worker, "

@@ -60,3 +60,24 @@ def confusion_matrix(cm: Any, labels: list[str], title: str = "Confusion matrix"
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return fig
+
+
+def sweep(trials: list[dict[str, Any]], params: list[str], metric: str) -> Any:
+    """One scatter per searched key: value vs the trial's metric; early-stopped trials hollow."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], params):
+        for status, marker in (("completed", "o"), ("early_stopped", "x"), ("error", "^")):
+            pts = [(t["config"].get(key), t[metric]) for t in trials if t["status"] == status and t.get(metric) is not None]
+            if not pts:
+                continue
+            xs = [str(x) if isinstance(x, str) else x for x, _ in pts]
+            ax.scatter(xs, [y for _, y in pts], marker=marker, label=status)
+        if key.endswith(("lr", "weight_decay")) and all(isinstance(t["config"].get(key), (int, float)) for t in trials):
+            ax.set_xscale("log")
+        ax.set(xlabel=key, ylabel=metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Sweep: {metric} by hyperparameter")
+    fig.tight_layout()
+    return fig

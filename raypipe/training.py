@@ -126,6 +126,7 @@ def run(
     cfg: RaypipeConfig,
     *,
     splits: Splits | None = None,
+    datasets: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
     track: bool = True,
     run_name: str | None = None,
@@ -133,6 +134,7 @@ def run(
 ) -> TrainResult:
     """Fine-tune as configured. ``track=False`` leaves logging to the caller (Tune does it).
 
+    ``splits``/``datasets`` let a caller (a sweep) read and tokenise once for many runs.
     ``train_loop`` replaces the worker function (default ``raypipe.loop.train_loop_per_worker``);
     a wrapper around the default is how fault-injection tests reach inside the workers.
     """
@@ -150,7 +152,7 @@ def run(
     if cfg.scaling.num_workers > 0:
         check_fits(cfg, use_gpu)
     run_name = run_name or make_run_name(cfg)
-    datasets = prepare_datasets(cfg, splits)
+    datasets = datasets or prepare_datasets(cfg, splits)
     callbacks = list(callbacks or [])
     mlflow_run = None
     if track:

@@ -1,0 +1,433 @@
+"""Hyperparameter search on Ray Tune. Every trial *is* a training run: it calls
+``raypipe.training.run`` with a Tune report callback (the Train V2 pattern), never a copy.
+
+After the sweep the best trial's best checkpoint is evaluated on the held-out test split,
+registered in the MLflow Model Registry and offered to the promotion gate.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raypipe.config import RaypipeConfig, config_from_dict, set_path
+from raypipe.errors import ConfigError, RaypipeError
+from raypipe.tracking import redact_uri
+
+SWEEP_FILE = "raypipe_sweep.json"
+TRIAL_DRIVER_CPU = 0.01  # a trial's driver only waits on its TorchTrainer; it needs no core
+# Keys whose change alters tokenisation: with any of them in the space, each trial tokenises.
+_PER_TRIAL_DATA_KEYS = ("data.", "model.")
+
+
+@dataclass
+class TuneResult:
+    sweep_name: str
+    sweep_path: str
+    metric: str
+    mode: str
+    best_trial: str | None
+    best_config: dict[str, Any]
+    best_value: float | None
+    best_checkpoint: str | None
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    parent_run_id: str | None = None
+    evaluation: Any = None
+    registration: Any = None
+
+    def summary(self) -> str:
+        done = sum(t["status"] == "completed" for t in self.trials)
+        stopped = sum(t["status"] == "early_stopped" for t in self.trials)
+        lines = [
+            f"Sweep {self.sweep_name}: {len(self.trials)} trial(s), {done} completed, {stopped} stopped early by the scheduler",
+            f"  best trial:      {self.best_trial}  {self.metric}={self.best_value}" if self.best_trial else "  no trial finished",
+            f"  best config:     {json.dumps(self.best_config)}",
+            f"  best checkpoint: {self.best_checkpoint}",
+            f"  sweep dir:       {self.sweep_path}   (resume with: raypipe tune <config> --resume)",
+            f"  MLflow parent run: {self.parent_run_id}",
+        ]
+        if self.evaluation is not None:
+            m = self.evaluation.metrics
+            lines.append(f"  test accuracy {m['test_accuracy']:.4f}, macro-F1 {m['test_macro_f1']:.4f}")
+        if self.registration is not None:
+            lines.append("  " + self.registration.summary().replace("\n", "\n  "))
+        return "\n".join(lines)
+
+
+def param_space(cfg: RaypipeConfig) -> dict[str, Any]:
+    """The config's search space as Ray Tune sampling objects, keyed by dotted path."""
+    from ray import tune
+
+    makers = {
+        "choice": lambda a: tune.choice(a),
+        "grid": lambda a: tune.grid_search(a),
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+        "quniform": lambda a: tune.quniform(*a),
+    }
+    return {path: makers[kind](arg) for path, spec in cfg.tune.search_space.items() for kind, arg in spec.items()}
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> RaypipeConfig:
+    tree = copy.deepcopy(base)
+    for path, value in sampled.items():
+        set_path(tree, path, value)
+    return config_from_dict(tree, source="trial config")
+
+
+def concurrency(cfg: RaypipeConfig, resources: dict[str, float], use_gpu: bool) -> tuple[int, str]:
+    """How many trials fit at once, and why: each needs its driver plus its train workers."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials, "set by tune.max_concurrent_trials"
+    workers = max(cfg.scaling.num_workers, 1)  # local mode still runs one loop
+    cpu_need = TRIAL_DRIVER_CPU + workers * cfg.scaling.cpus_per_worker
+    by_cpu = math.floor(resources.get("CPU", 0) / cpu_need + 1e-9)
+    why = f"{resources.get('CPU', 0):g} CPU / {cpu_need:g} per trial = {by_cpu}"
+    n = by_cpu
+    if use_gpu:
+        gpu_need = workers * cfg.scaling.gpus_per_worker
+        by_gpu = math.floor(resources.get("GPU", 0) / gpu_need + 1e-9)
+        why += f"; {resources.get('GPU', 0):g} GPU / {gpu_need:g} per trial = {by_gpu}"
+        n = min(n, by_gpu)
+    n = max(1, min(n, cfg.tune.num_samples * max(1, _grid_size(cfg))))
+    return n, why
+
+
+def _grid_size(cfg: RaypipeConfig) -> int:
+    size = 1
+    for spec in cfg.tune.search_space.values():
+        if "grid" in spec:
+            size *= len(spec["grid"])
+    return size
+
+
+def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str) -> Any:
+    """Ray's MLflowLoggerCallback, made restart-safe: a resumed sweep finds a trial's existing
+    run instead of opening a second one, and steps are epochs, each logged once."""
+    from mlflow.tracking import MlflowClient
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class TrialLogger(MLflowLoggerCallback):
+        def log_trial_start(self, trial: Any) -> None:
+            if trial not in self._trial_runs:
+                client = MlflowClient(tracking_uri=tracking_uri)
+                exp = client.get_experiment_by_name(experiment)
+                found = client.search_runs(
+                    [exp.experiment_id],
+                    filter_string=f"tags.trial_name = '{trial}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                )
+                if found:
+                    self._trial_runs[trial] = found[0].info.run_id
+            super().log_trial_start(trial)
+
+        def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+            if "epoch" not in result:
+                return
+            run_id = self._trial_runs[trial]
+            steps = self._steps.setdefault(run_id, None)
+            if steps is None:
+                hist = MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, "val_loss")
+                steps = self._steps[run_id] = {m.step for m in hist}
+            step = int(result["epoch"])
+            if step in steps:
+                return
+            keep = {k: v for k, v in result.items() if k.startswith(("val_", "train_")) or k in ("lr", "samples_per_s")}
+            self.mlflow_util.log_metrics(run_id=run_id, metrics_to_log=keep, step=step)
+            steps.add(step)
+
+        def setup(self, *args: Any, **kwargs: Any) -> None:
+            super().setup(*args, **kwargs)
+            self._steps: dict[str, set[int] | None] = {}
+
+    return TrialLogger(
+        tracking_uri=tracking_uri,
+        experiment_name=experiment,
+        tags={"mlflow.parentRunId": parent_run_id, "raypipe.stage": "trial"},
+    )
+
+
+def _trial_fn(config: dict[str, Any], base: dict[str, Any], sweep_name: str, splits: Any, datasets: Any) -> None:
+    """One trial = one training run, reporting each epoch to Tune (so ASHA can stop it)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raypipe import training
+
+    cfg = trial_config(base, config)
+    trial_id = tune.get_context().get_trial_id()
+    # A stable name per trial: when a resumed sweep restarts an unfinished trial, Train V2 finds
+    # its run dir and continues from the trial's last checkpoint instead of starting over.
+    training.run(
+        cfg,
+        splits=splits,
+        datasets=datasets,
+        callbacks=[TuneReportCallback()],
+        track=False,
+        run_name=f"{sweep_name}_trial_{trial_id}",
+    )
+
+
+def _latest_sweep(cfg: RaypipeConfig) -> Path:
+    from ray import tune
+
+    root = Path(cfg.resolved_storage_path)
+    prefix = cfg.tune.name or f"{cfg.name}-sweep"
+    candidates = sorted(
+        (p for p in root.glob(f"{prefix}*") if (p / SWEEP_FILE).is_file() and tune.Tuner.can_restore(str(p))),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not candidates:
+        raise ConfigError(f"--resume: no interrupted sweep named {prefix}* under {root}")
+    return candidates[-1]
+
+
+def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, force: bool = False) -> TuneResult:
+    """Run (or resume) the sweep described by ``cfg.tune``; evaluate, register, promote the best."""
+    if not cfg.tune.search_space:
+        raise ConfigError("tune.search_space is empty: give at least one key, e.g. train.lr: {loguniform: [1e-5, 1e-3]}")
+    if cfg.tune.search_alg == "grid" and any("grid" not in s for s in cfg.tune.search_space.values()):
+        raise ConfigError("tune.search_alg: grid needs every search_space entry to be {grid: [...]}")
+    if cfg.tune.search_alg == "optuna" and any("grid" in s for s in cfg.tune.search_space.values()):
+        raise ConfigError("tune.search_alg: optuna cannot sample {grid: [...]}; use {choice: [...]}")
+    from raypipe.data import load_splits
+    from raypipe.model import resolve_model_source
+
+    resolve_model_source(cfg.model.name)
+    splits = load_splits(cfg.data)
+    print(f"[raypipe] data: {splits.summary()}")
+
+    import ray
+    from ray import tune
+
+    from raypipe import training
+    from raypipe.runtime import ensure_ray, resolve_use_gpu
+    from raypipe.tracking import configure
+
+    ensure_ray(cfg)
+    use_gpu = resolve_use_gpu(cfg)
+    client, exp_id = configure(cfg)
+    if resume:
+        sweep_path = _latest_sweep(cfg)
+        state = json.loads((sweep_path / SWEEP_FILE).read_text())
+        sweep_name, parent_run_id = sweep_path.name, state["parent_run_id"]
+        print(f"[raypipe] resuming sweep {sweep_name}")
+    else:
+        sweep_name = cfg.tune.name or f"{cfg.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_path = Path(cfg.resolved_storage_path) / sweep_name
+        parent_run_id = _start_parent_run(cfg, client, exp_id, sweep_name, splits.fingerprint)
+        sweep_path.mkdir(parents=True, exist_ok=True)
+        (sweep_path / SWEEP_FILE).write_text(json.dumps({"parent_run_id": parent_run_id}))
+
+    n, why = concurrency(cfg, ray.cluster_resources(), use_gpu)
+    print(f"[raypipe] running up to {n} trial(s) at once ({why})")
+    shared_data = not any(p.startswith(_PER_TRIAL_DATA_KEYS) for p in cfg.tune.search_space)
+    # Tokenise once for all trials unless the space changes tokenisation (model or data keys).
+    datasets = training.prepare_datasets(cfg, splits) if shared_data else None
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _trial_fn, base=cfg.model_dump(mode="json"), sweep_name=sweep_name, splits=splits, datasets=datasets
+        ),
+        {"cpu": TRIAL_DRIVER_CPU},
+    )
+    metric, mode = cfg.tune.metric, cfg.tune.resolved_mode
+    run_config = tune.RunConfig(
+        name=sweep_name,
+        storage_path=cfg.resolved_storage_path,
+        callbacks=[_trial_logger(cfg.resolved_tracking_uri, cfg.tracking.experiment, parent_run_id)],
+        failure_config=tune.FailureConfig(max_failures=0),
+        verbose=1,
+    )
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME")}
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(str(sweep_path), trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(cfg),
+                tune_config=tune.TuneConfig(
+                    metric=metric,
+                    mode=mode,
+                    num_samples=1 if cfg.tune.search_alg == "grid" else cfg.tune.num_samples,
+                    scheduler=_scheduler(cfg),
+                    search_alg=_search_alg(cfg, metric, mode),
+                    max_concurrent_trials=n,
+                ),
+                run_config=run_config,
+            )
+        grid = tuner.fit()
+    finally:
+        for k, v in saved_env.items():  # MLflowLoggerCallback exports these; don't leak them
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    result = _collect(cfg, grid, sweep_name, str(sweep_path), parent_run_id)
+    _finish_parent_run(cfg, client, result)
+    if register and result.best_checkpoint:
+        _evaluate_and_register(cfg, result, splits.fingerprint, force=force)
+    return result
+
+
+def _scheduler(cfg: RaypipeConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = cfg.tune.scheduler
+    if s.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=cfg.train.epochs,
+        grace_period=min(s.grace_period, cfg.train.epochs),
+        reduction_factor=s.reduction_factor,
+    )
+
+
+def _search_alg(cfg: RaypipeConfig, metric: str, mode: str) -> Any:
+    if cfg.tune.search_alg != "optuna":
+        return None  # random sampling / grid expansion: Tune's built-in variant generator
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        from raypipe.errors import MissingExtraError
+
+        raise MissingExtraError("optuna", "optuna", "tune.search_alg: optuna") from None
+    return OptunaSearch(metric=metric, mode=mode, seed=cfg.train.seed)
+
+
+def _start_parent_run(cfg: RaypipeConfig, client: Any, exp_id: str, sweep_name: str, fingerprint: str) -> str:
+    from raypipe.tracking import version_tags
+
+    run = client.create_run(
+        exp_id,
+        run_name=sweep_name,
+        tags={**version_tags(cfg, fingerprint), "raypipe.stage": "sweep", "raypipe.sweep": sweep_name},
+    )
+    rid = run.info.run_id
+    s = cfg.tune
+    for key, value in {
+        "tune.search_space": json.dumps(s.search_space),
+        "tune.num_samples": s.num_samples,
+        "tune.metric": s.metric,
+        "tune.mode": s.resolved_mode,
+        "tune.scheduler": json.dumps(s.scheduler.model_dump()),
+        "tune.search_alg": s.search_alg,
+        "model.name": cfg.model.name,
+        "data.path": redact_uri(str(cfg.data.path)),
+    }.items():
+        client.log_param(rid, key, str(value))
+    print(f"[raypipe] MLflow parent run {rid} for sweep {sweep_name}")
+    return rid
+
+
+def _collect(cfg: RaypipeConfig, grid: Any, sweep_name: str, sweep_path: str, parent_run_id: str) -> TuneResult:
+    import ray.train
+
+    metric, mode = cfg.tune.metric, cfg.tune.resolved_mode
+    trials = []
+    for res in grid:
+        m = res.metrics or {}
+        trial_id = m.get("trial_id") or Path(res.path).name
+        epochs = int(m.get("epoch", 0))
+        status = "error" if res.error else ("completed" if epochs >= cfg.train.epochs else "early_stopped")
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "config": res.config or {},
+                "status": status,
+                "epochs": epochs,
+                metric: m.get(metric),
+                "train_run": str(Path(cfg.resolved_storage_path) / f"{sweep_name}_trial_{trial_id}"),
+                "error": repr(res.error) if res.error else None,
+            }
+        )
+    scored = [t for t in trials if t[metric] is not None]
+    best = (min if mode == "min" else max)(scored, key=lambda t: t[metric]) if scored else None
+    best_ckpt = None
+    best_value = None
+    if best:
+        # Tune's own Result has no checkpoint in this pattern; the trial's Train run keeps its best-k.
+        train_result = ray.train.Result.from_path(best["train_run"])
+        ckpt = train_result.get_best_checkpoint(metric, mode) if train_result.best_checkpoints else None
+        if ckpt is not None:
+            from raypipe.training import local_dir
+
+            best_ckpt = local_dir(ckpt, cfg.workdir_path / "checkpoints" / sweep_name)
+            from raypipe.model import read_meta
+
+            best_value = read_meta(best_ckpt)["metrics"].get(metric)
+    return TuneResult(
+        sweep_name=sweep_name,
+        sweep_path=sweep_path,
+        metric=metric,
+        mode=mode,
+        best_trial=best["trial_id"] if best else None,
+        best_config=best["config"] if best else {},
+        best_value=best_value,
+        best_checkpoint=best_ckpt,
+        trials=trials,
+        parent_run_id=parent_run_id,
+    )
+
+
+def _finish_parent_run(cfg: RaypipeConfig, client: Any, result: TuneResult) -> None:
+    from raypipe import plots
+
+    rid = result.parent_run_id
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{rid}'")
+    by_trial = {r.data.tags.get("trial_name", ""): r for r in children}
+    for t in result.trials:
+        run = next((r for name, r in by_trial.items() if name.endswith(t["trial_id"])), None)
+        if run is not None:
+            client.set_tag(run.info.run_id, "raypipe.trial_status", t["status"])
+            client.set_tag(run.info.run_id, "raypipe.train_run", t["train_run"])
+            t["mlflow_run_id"] = run.info.run_id
+    if result.best_value is not None:
+        client.log_metric(rid, f"best_{result.metric}", float(result.best_value))
+    client.set_tag(rid, "raypipe.best_trial", str(result.best_trial))
+    client.set_tag(rid, "raypipe.best_checkpoint", str(result.best_checkpoint))
+    client.set_tag(rid, "raypipe.trials", str(len(result.trials)))
+    client.set_tag(rid, "raypipe.trials_early_stopped", str(sum(t["status"] == "early_stopped" for t in result.trials)))
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "trials.json"
+        table.write_text(json.dumps(result.trials, indent=2, default=str))
+        client.log_artifact(rid, str(table))
+        if result.trials and cfg.tune.search_space:
+            fig = plots.sweep(result.trials, list(cfg.tune.search_space), result.metric)
+            fig.savefig(Path(tmp) / "sweep.png", dpi=110)
+            client.log_artifact(rid, str(Path(tmp) / "sweep.png"), "plots")
+            import matplotlib.pyplot as plt
+
+            plt.close("all")
+    client.set_terminated(rid, "FINISHED")
+
+
+def _evaluate_and_register(cfg: RaypipeConfig, result: TuneResult, fingerprint: str, force: bool) -> None:
+    from raypipe.evaluation import run as evaluate
+    from raypipe.registry import register_checkpoint
+
+    print(f"[raypipe] evaluating the best checkpoint on the held-out test split")
+    ev = evaluate(result.best_checkpoint, cfg, log_to_mlflow=True)
+    result.evaluation = ev
+    best_run = next((t.get("mlflow_run_id") for t in result.trials if t["trial_id"] == result.best_trial), None)
+    try:
+        result.registration = register_checkpoint(
+            result.best_checkpoint,
+            cfg,
+            force=force,
+            metrics=ev.metrics,
+            source_run_id=best_run,
+            fingerprint=fingerprint,
+        )
+    except RaypipeError:
+        raise
+    print(result.registration.summary())

@@ -1,0 +1,132 @@
+"""Sweeps on a real local Ray: every trial is a training run, logged as an MLflow child run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from raypipe.config import config_from_dict
+
+pytestmark = pytest.mark.ray
+
+SPACE = {"train.lr": {"loguniform": [2e-3, 1.5e-2]}, "train.batch_size": {"choice": [16, 32]}}
+
+
+def _sweep_cfg(tiny_config, **tune):
+    tree = tiny_config.model_dump(mode="json")
+    tree["train"]["epochs"] = 3
+    tree["tune"] = {"search_space": SPACE, "num_samples": 4, **tune}
+    return config_from_dict(tree)
+
+
+def _children(cfg, parent_id):
+    client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client, client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_asha_sweep_logs_trials_under_a_parent_and_promotes_the_best(ray_local, tiny_config):
+    from raypipe.predict import Predictor
+    from raypipe.tuning import run
+
+    cfg = _sweep_cfg(tiny_config, scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    result = run(cfg)
+
+    assert len(result.trials) == 4
+    assert {t["status"] for t in result.trials} <= {"completed", "early_stopped"}
+    client, children = _children(cfg, result.parent_run_id)
+    assert len(children) == 4
+    for child in children:
+        assert {"train.lr", "train.batch_size"} <= set(child.data.params)
+        assert child.data.tags["raypipe.trial_status"] in ("completed", "early_stopped")
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_macro_f1")]
+        assert steps == list(range(1, len(steps) + 1)) and steps  # one value per epoch, no repeats
+        if child.data.tags["raypipe.trial_status"] == "completed":
+            assert len(steps) == cfg.train.epochs
+    parent = client.get_run(result.parent_run_id)
+    assert "train.lr" in parent.data.params["tune.search_space"]
+    assert parent.data.tags["raypipe.best_trial"] == result.best_trial
+    assert "plots/sweep.png" in {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
+
+    # The winner is evaluated on the test split, registered, and holds the champion alias.
+    assert result.evaluation.metrics["test_accuracy"] > 0.5
+    champion = f"models:/{cfg.registry.model_name}@{cfg.registry.alias}"
+    served = Predictor.from_uri(champion, tracking_uri=cfg.resolved_tracking_uri)
+    local = Predictor.from_dir(result.best_checkpoint)
+    texts = ["goal match team league", "chip software robot", "bread soup chef"]
+    assert [p["label"] for p in served.predict(texts)] == [p["label"] for p in local.predict(texts)]
+    assert served.meta["model_version"] == str(result.registration.version)
+
+
+def _finished_trials(sweep_root: Path) -> list[Path]:
+    """Train run dirs of trials that Tune's saved experiment state already lists as TERMINATED."""
+    import json
+
+    done = []
+    for state in sweep_root.glob("experiment_state*.json"):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (ValueError, KeyError, OSError):
+            continue  # being rewritten right now
+        for trial_json, _ in trials:
+            t = json.loads(trial_json)
+            if t.get("status") == "TERMINATED":
+                done.append(sweep_root.parent / f"{sweep_root.name}_trial_{t['trial_id']}")
+    return done
+
+
+def test_resume_after_the_sweep_driver_is_killed_skips_finished_trials(ray_local, tiny_config, tmp_path):
+    from raypipe.tuning import run
+
+    tree = tiny_config.model_dump(mode="json")
+    tree["train"]["epochs"] = 2
+    tree["tune"] = {
+        "name": "resumable",
+        "search_space": {"train.lr": {"grid": [3e-3, 5e-3, 8e-3]}},
+        "search_alg": "grid",
+        "scheduler": {"type": "fifo"},
+        "max_concurrent_trials": 1,
+    }
+    tree["ray"] = {"num_cpus": 2, "include_dashboard": False}
+    cfg = config_from_dict(tree)
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump(tree))
+    sweep_root = Path(cfg.resolved_storage_path) / "resumable"
+
+    # The sweep driver runs in its own session so that killing it takes its own Ray along.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raypipe.cli", "tune", str(cfg_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not _finished_trials(sweep_root):
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(1)
+        finished = _finished_trials(sweep_root)
+        assert finished, "no trial finished within 300 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {d: sorted(p.name for p in d.glob("checkpoint_*")) for d in finished}
+
+    result = run(cfg, resume=True, register=False)
+
+    assert len(result.trials) == 3
+    assert all(t["status"] == "completed" for t in result.trials)
+    for d, names in before.items():  # finished trials were not trained again
+        assert sorted(p.name for p in d.glob("checkpoint_*")) == names
+    client, children = _children(cfg, result.parent_run_id)
+    assert len(children) == 3  # no duplicate trial runs
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
+        assert sorted(steps) == [1, 2]
