@@ -1,0 +1,614 @@
+"""Serve a raypipe model with Ray Serve, behind the FastAPI app of :mod:`raypipe.api`.
+
+Three entry points, one ``serve:`` config section:
+
+    raypipe serve models:/name@champion [--port --replicas --gpu]     -> :func:`main`
+    serve run raypipe.serve:app model_uri=models:/name@champion         -> :func:`app` (builder)
+    raypipe serve MODEL --emit-config serve.yaml && serve deploy serve.yaml
+
+and, from Python (the pipeline), ``served = deploy(cfg, uri)`` ... ``served.shutdown()``.
+
+How a replica works
+    * The model comes from ``user_config`` (``{"model_uri", "tracking_uri", "revision"}``).
+      Serve calls :meth:`ModelService.reconfigure` with it at start and whenever it changes:
+      the new model is loaded and warmed up in a worker thread while the old one keeps
+      answering, then one reference assignment swaps them (no failed request in between).
+    * ``POST /predict`` goes through ``@serve.batch``: one batch item is one request's list of
+      texts, sized by its number of texts, so ``serve.max_batch_size`` counts texts. A request
+      is never split across batches, so it is answered by exactly one model, even mid-swap.
+    * Inference runs on one dedicated thread (one batch at a time per replica, which is what
+      the device can do anyway); the event loop stays free for /health, /ready and queuing.
+    * Batch sizes go to the ``raypipe_batch_size`` histogram (Ray metrics / Prometheus) and to
+      the replica's ``GET /stats``.
+    * ``check_health`` runs a real (tiny) prediction unless a batch succeeded moments ago.
+
+Model swaps
+    * ``serve deploy`` with a changed ``user_config`` (the emitted YAML has a ``revision`` to
+      bump after the alias moved): Serve calls ``reconfigure`` on the live replicas; nothing
+      restarts.
+    * ``deploy()`` again (or ``raypipe serve`` again): Serve's imperative API replaces the
+      replicas; ``max_surge_percent=100`` keeps the old ones serving until the new ones are
+      ready, at the price of room for one extra set of replicas during the swap.
+"""
+
+# No `from __future__ import annotations` here: Serve inspects the builder's parameter
+# annotation at run time to turn `serve run ... key=value` arguments into `AppArgs`.
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.exceptions import RayServeException
+
+from raypipe.api import (
+    RETRY_AFTER_S,
+    ApiError,
+    BatchStats,
+    ModelSlot,
+    create_app,
+    probe,
+    resolve_token,
+    warm_up,
+)
+from raypipe.config import RaypipeConfig, ServeConfig, apply_overrides, config_from_dict, load_config
+from raypipe.errors import ConfigError, RaypipeError
+
+logger = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "RaypipeModel"
+IMPORT_PATH = "raypipe.serve:app"
+# check_health skips the probe when a batch succeeded this recently: under load the model is
+# demonstrably working, and a probe queued behind real batches could time out spuriously.
+HEALTH_FRESH_S = 10.0
+BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+class ModelSpec(BaseModel):
+    """The deployment's ``user_config``: which model to serve."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_uri: str = Field(min_length=1, description="models:/name@alias, models:/name/3 or a dir.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ URIs.")
+    revision: str | None = Field(
+        None, description="Change it to reload the same URI (e.g. after the alias moved)."
+    )
+
+
+def _count_texts(requests: list[list[str]]) -> int:
+    return sum(len(texts) for texts in requests)
+
+
+class ModelService:
+    """The replica: model slot, batched prediction, health, swaps. Wrapped by Serve below.
+
+    A plain class, so the swap logic can be tested without Ray; only ``_predict_batch`` (the
+    ``@serve.batch`` path) needs a running replica.
+    """
+
+    def __init__(self, serve_settings: dict[str, Any], model_uri: str | None = None,
+                 tracking_uri: str | None = None):
+        self.cfg = ServeConfig.model_validate(serve_settings)
+        self.slot = ModelSlot()
+        self.spec: ModelSpec | None = None
+        self.stats = BatchStats()
+        self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypipe-infer")
+        self._swap_lock = asyncio.Lock()
+        self._last_ok = 0.0
+        self._metrics = _replica_metrics()
+        # The decorator's numbers are placeholders; the config decides.
+        self._predict_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        if model_uri is not None:  # bound without user_config: load now
+            spec = ModelSpec(model_uri=model_uri, tracking_uri=tracking_uri)
+            self.slot.install(self._load(spec), source=spec.model_uri, warm=False)
+            self.spec = spec
+
+    # --- Serve hooks -------------------------------------------------------------------
+
+    def __serve_build_asgi_app__(self) -> Any:
+        # Built per replica after __init__, so the routes close over this replica's slot and
+        # batcher instead of a module-level app shared by every deployment in the process.
+        return create_app(self.slot, self.cfg, predict_fn=self.predict, stats=self.stats,
+                          serving_info=self.serving_info)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the model ``user_config`` names (if it changed) and swap it in when warm."""
+        spec = ModelSpec.model_validate(user_config)
+        async with self._swap_lock:
+            if spec == self.spec:
+                return
+            previous = self.spec.model_uri if self.spec else None
+            start = time.perf_counter()
+            # A worker thread: the replica keeps answering with the old model while loading.
+            predictor = await asyncio.to_thread(self._load, spec)
+            self.slot.install(predictor, source=spec.model_uri, warm=False)
+            self.spec = spec
+            logger.info("raypipe: serving %s (was %s), loaded and warmed up in %.1f s",
+                        spec.model_uri, previous, time.perf_counter() - start)
+
+    async def check_health(self) -> None:
+        predictor = self.slot()
+        if predictor is None:
+            raise RuntimeError("no model loaded")
+        if time.monotonic() - self._last_ok < HEALTH_FRESH_S:
+            return
+        # Not on the inference thread: a long queue of batches must not make the probe late.
+        await asyncio.to_thread(probe, predictor)
+        self._last_ok = time.monotonic()
+
+    # --- prediction --------------------------------------------------------------------
+
+    async def predict(self, texts: list[str]) -> tuple[list[dict[str, Any]], Any]:
+        """The app's predict_fn: through the batcher, unless the request is a batch by itself."""
+        if len(texts) > self.cfg.max_batch_size:
+            # serve.batch rejects an item larger than a whole batch; such a request already
+            # fills one, so it runs alone (still on the single inference thread).
+            return (await self._run([texts]))[0]
+        return await self._predict_batch(texts)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_count_texts)
+    async def _predict_batch(self, requests: list[list[str]]) -> list[tuple[list[dict[str, Any]], Any]]:
+        return await self._run(requests)
+
+    async def _run(self, requests: list[list[str]]) -> list[tuple[list[dict[str, Any]], Any]]:
+        predictor = self.slot()  # one model for the whole batch, even if a swap lands meanwhile
+        if predictor is None:
+            raise ApiError(503, "the model is not loaded yet; retry shortly",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        flat = [t for texts in requests for t in texts]
+        start = time.perf_counter()
+        preds = await asyncio.get_running_loop().run_in_executor(
+            self._infer, predictor.predict, flat
+        )
+        elapsed = time.perf_counter() - start
+        self._last_ok = time.monotonic()
+        self.stats.record(len(flat), len(requests), elapsed)
+        if self._metrics is not None:
+            self._metrics[0].observe(len(flat))
+            self._metrics[1].observe(elapsed)
+        out, i = [], 0
+        for texts in requests:
+            out.append((preds[i : i + len(texts)], predictor))
+            i += len(texts)
+        return out
+
+    def serving_info(self) -> dict[str, Any]:
+        predictor = self.slot()
+        return {
+            "replica": _replica_id(),
+            "device": getattr(predictor, "device", None),
+            "model_uri": self.spec.model_uri if self.spec else None,
+            "revision": self.spec.revision if self.spec else None,
+            "max_batch_size": self.cfg.max_batch_size,
+            "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
+        }
+
+    @staticmethod
+    def _load(spec: ModelSpec) -> Any:
+        from raypipe.predict import Predictor
+
+        predictor = Predictor.from_uri(spec.model_uri, tracking_uri=spec.tracking_uri)
+        warm_up(predictor)
+        return predictor
+
+
+def _replica_metrics() -> tuple[Any, Any] | None:
+    """Ray metrics exist only inside a replica (None elsewhere, e.g. in unit tests)."""
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return None
+    from ray.serve.metrics import Histogram
+
+    return (
+        Histogram("raypipe_batch_size", description="Texts per model call (dynamic batching).",
+                  boundaries=BATCH_SIZE_BUCKETS),
+        Histogram("raypipe_batch_latency_s", description="Seconds per batched model call.",
+                  boundaries=LATENCY_BUCKETS_S),
+    )
+
+
+def _replica_id() -> str | None:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return None
+
+
+# The deployment. `serve.ingress()` without an app: the app comes from
+# `__serve_build_asgi_app__` on each replica. Options here are defaults; `build_app` sets the
+# configured ones.
+RaypipeModel = serve.deployment(
+    name=DEPLOYMENT_NAME,
+    max_ongoing_requests=64,  # Serve's default of 5 would cap every batch at 5 requests
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    max_constructor_retry_count=3,  # a model that fails to load fails again; don't retry 20x
+)(serve.ingress()(ModelService))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _normalise_uri(uri: str) -> str:
+    """models:/ URIs pass through; a dir becomes absolute (replicas have another cwd)."""
+    if uri.startswith("models:/") or "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
+def _check_source(uri: str) -> None:
+    """Fail in the caller, in a second, for a dir that is not a checkpoint (not after 25 s)."""
+    if uri.startswith("models:/") or "://" in uri:
+        return
+    from raypipe.model import read_meta
+
+    read_meta(uri)
+
+
+def _cluster_gpus() -> float | None:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else None
+
+
+def _gpus_per_replica(use_gpu: Any) -> int:
+    if use_gpu is False:
+        return 0
+    have = _cluster_gpus()
+    if use_gpu is True:
+        if have == 0:
+            raise RaypipeError(
+                "serve.use_gpu is true but the Ray cluster has no GPU (replicas would wait "
+                "forever); set serve.use_gpu: false or auto"
+            )
+        return 1
+    if have is None:  # `serve run` calls the builder before it starts Ray: look locally
+        import torch
+
+        return 1 if torch.cuda.is_available() else 0
+    return 1 if have > 0 else 0
+
+
+def deployment_options(s: ServeConfig, spec: ModelSpec) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "user_config": spec.model_dump(mode="json"),
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        # Overload answers 503 + Retry-After instead of piling requests up at the proxy.
+        "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S},
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": _gpus_per_replica(s.use_gpu)},
+        # Redeploys keep the old replicas until the new ones pass their health check.
+        "max_surge_percent": 100,
+    }
+    if s.autoscaling is not None:
+        opts["autoscaling_config"] = {
+            "min_replicas": s.autoscaling.min_replicas,
+            "max_replicas": s.autoscaling.max_replicas,
+            "target_ongoing_requests": s.autoscaling.target_ongoing_requests,
+        }
+    else:
+        opts["num_replicas"] = s.num_replicas
+    return opts
+
+
+def build_app(cfg: RaypipeConfig, model_uri: str, *, tracking_uri: str | None = None,
+              revision: str | None = None) -> Any:
+    """The Serve application (``RaypipeModel.bind(...)``) for ``model_uri`` under ``cfg.serve``."""
+    uri = _normalise_uri(model_uri)
+    if tracking_uri is None and uri.startswith("models:/"):
+        tracking_uri = cfg.resolved_tracking_uri  # resolved here: the replica's cwd differs
+    spec = ModelSpec(model_uri=uri, tracking_uri=tracking_uri, revision=revision)
+    return RaypipeModel.options(**deployment_options(cfg.serve, spec)).bind(
+        cfg.serve.model_dump(mode="json")
+    )
+
+
+class AppArgs(BaseModel):
+    """Arguments of ``serve run raypipe.serve:app key=value ...`` (or a config's ``args:``).
+
+    Keys other than these are config overrides: ``max_batch_size=16`` means
+    ``serve.max_batch_size=16``, and dotted keys (``tracking.experiment=x``) are used as is.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    model_uri: str | None = Field(None, description="Default: serve.model_uri from the config.")
+    config: str | None = Field(None, description="raypipe YAML config whose serve: section applies.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ URIs.")
+    revision: str | None = Field(None, description="Change it to force a reload of the same URI.")
+    serve: dict[str, Any] | None = Field(None, description="A whole serve: section (overrides config).")
+
+
+def _override(key: str, value: Any) -> str:
+    path = key if "." in key else f"serve.{key}"
+    text = value if isinstance(value, str) else json.dumps(value)
+    return f"{path}={text}"
+
+
+def app(args: AppArgs) -> Any:
+    """Typed Serve application builder: ``serve run raypipe.serve:app model_uri=...``."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args or {})
+    tree = load_config(args.config).model_dump(mode="json")
+    if args.serve:
+        tree["serve"] = {**tree["serve"], **args.serve}
+    tree = apply_overrides(tree, [_override(k, v) for k, v in (args.model_extra or {}).items()])
+    cfg = config_from_dict(tree, source=args.config)
+    model_uri = args.model_uri or cfg.serve.model_uri
+    if not model_uri:
+        raise ConfigError("no model to serve: pass model_uri=models:/name@alias (or a checkpoint "
+                          "dir), or set serve.model_uri in the config")
+    return build_app(cfg, model_uri, tracking_uri=args.tracking_uri, revision=args.revision)
+
+
+app_builder = app
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class Served:
+    """A running application: where it answers, and how to stop it."""
+
+    url: str
+    app_name: str
+    model_uri: str
+    handle: Any = field(repr=False, default=None)
+    started_ray: bool = False
+    startup_s: float = 0.0
+
+    def shutdown(self) -> None:
+        shutdown(self)
+
+
+def client_url(s: ServeConfig) -> str:
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}"
+
+
+def _running_http(s: ServeConfig, say: Callable[[str], None]) -> ServeConfig:
+    """Where Serve really listens: it keeps the HTTP options it was first started with."""
+    try:  # private accessor, hence the fallback to the config
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        host, port = http.host, int(http.port)
+    except Exception:
+        return s
+    if (host, port) != (s.host, s.port):
+        say(f"note: Serve was already running on {host}:{port}; serve.host/port "
+            f"({s.host}:{s.port}) apply only when Serve starts")
+        return s.model_copy(update={"host": host, "port": port})
+    return s
+
+
+def _ensure_ray(progress: Callable[[str], None]) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        progress(f"connecting to the Ray cluster at {address}")
+        ray.init(address=address)
+    else:
+        progress("starting a local Ray instance (dashboard on 127.0.0.1)")
+        ray.init(address="local", dashboard_host="127.0.0.1")
+    return True
+
+
+def _watch_status(app_name: str, progress: Callable[[str], None], stop: threading.Event) -> None:
+    """Print the app's deployment status whenever it changes, until ``stop`` is set."""
+    last = None
+    while not stop.wait(2.0):
+        try:
+            status = serve.status().applications.get(app_name)
+        except Exception:  # the controller may still be starting
+            continue
+        if status is None:
+            continue
+        parts = [f"app {status.status.value}"]
+        for name, dep in status.deployments.items():
+            states = ", ".join(f"{n} {s}" for s, n in sorted(dep.replica_states.items()))
+            parts.append(f"{name} {dep.status.value}" + (f" ({states})" if states else ""))
+        line = "; ".join(parts)
+        if line != last:
+            progress(f"  {line}")
+            last = line
+
+
+def _wait_ready(url: str, token: str | None, timeout_s: float) -> None:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/ready", headers=headers, timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.25)  # the proxy learns new routes a moment after the app is RUNNING
+    raise RaypipeError(f"the model server at {url} did not become ready in {timeout_s:.0f} s ({last})")
+
+
+def deploy(cfg: RaypipeConfig, model_uri: str | None = None, blocking: bool = False, *,
+           revision: str | None = None, ready_timeout_s: float = 600.0,
+           progress: Callable[[str], None] | None = None) -> Served:
+    """Serve ``model_uri`` (default ``cfg.serve.model_uri``) and return once it answers /ready.
+
+    Starts Ray (local, dashboard on 127.0.0.1; or ``$RAY_ADDRESS``) and Serve (HTTP on
+    ``serve.host:serve.port``) when they are not running. Deploying again under the same
+    ``serve.app_name`` swaps the model without failed requests. With ``blocking=True`` it
+    serves until Ctrl-C and then shuts down. The bearer token (``serve.auth_token_env``) is
+    read from the environment of the replicas, which a Ray started here inherits.
+    """
+    say = progress or (lambda _msg: None)
+    s = cfg.serve
+    model_uri = model_uri or s.model_uri
+    if not model_uri:
+        raise ConfigError("no model to serve: pass a models:/ URI or checkpoint dir, or set serve.model_uri")
+    _check_source(_normalise_uri(model_uri))
+    token = resolve_token(s)  # fail here, not in every replica, when the variable is unset
+    start = time.perf_counter()
+    started_ray = _ensure_ray(say)
+    serve.start(http_options={"host": s.host, "port": s.port})
+    application = build_app(cfg, model_uri, revision=revision)
+    url = client_url(_running_http(s, say))
+    say(f"deploying {model_uri} as '{s.app_name}' ...")
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_status, args=(s.app_name, say, stop), daemon=True)
+    watcher.start()
+    try:
+        handle = serve.run(application, name=s.app_name, route_prefix=s.route_prefix)
+    except RuntimeError as exc:
+        tail = "\n".join(str(exc).strip().splitlines()[-12:])
+        raise RaypipeError(f"deploying {model_uri} failed:\n{tail}") from None
+    finally:
+        stop.set()
+    _wait_ready(url, token, ready_timeout_s)
+    served = Served(url=url, app_name=s.app_name, model_uri=model_uri, handle=handle,
+                    started_ray=started_ray, startup_s=time.perf_counter() - start)
+    say(f"ready in {served.startup_s:.1f} s: POST {url}/predict  (docs: {url}/docs)")
+    if blocking:
+        say("serving; press Ctrl-C to stop")
+        restore = _sigterm_as_interrupt()
+        try:
+            while True:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            say("stopping ...")
+        finally:
+            served.shutdown()
+            restore()
+    return served
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Let `kill`/`docker stop` (SIGTERM) take the same clean path as Ctrl-C."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def shutdown(served: Served | str | None = None) -> None:
+    """Stop serving: a :class:`Served` (and the Ray that ``deploy`` started for it), an app by
+    name, or with no argument every Serve application on the cluster."""
+    if served is None:
+        serve.shutdown()
+        return
+    if isinstance(served, str):
+        serve.delete(served)
+        return
+    if served.started_ray:
+        import ray
+
+        serve.shutdown()
+        ray.shutdown()
+    else:
+        serve.delete(served.app_name)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def serve_config_doc(cfg: RaypipeConfig, model_uri: str) -> dict[str, Any]:
+    """A Serve config (for ``serve deploy``/``serve run``) equivalent to ``deploy(cfg, uri)``."""
+    s = cfg.serve
+    uri = _normalise_uri(model_uri)
+    tracking = cfg.resolved_tracking_uri if uri.startswith("models:/") else None
+    spec = ModelSpec(model_uri=uri, tracking_uri=tracking, revision="1")
+    return {
+        "http_options": {"host": s.host, "port": s.port},
+        "applications": [
+            {
+                "name": s.app_name,
+                "route_prefix": s.route_prefix,
+                "import_path": IMPORT_PATH,
+                "args": {
+                    "model_uri": uri,
+                    "tracking_uri": tracking,
+                    # host/port/app/prefix are set above, where Serve reads them
+                    "serve": s.model_dump(mode="json", exclude={
+                        "model_uri", "host", "port", "app_name", "route_prefix"}),
+                },
+                "deployments": [{"name": DEPLOYMENT_NAME, "user_config": spec.model_dump(mode="json")}],
+            }
+        ],
+    }
+
+
+def write_serve_config(cfg: RaypipeConfig, model_uri: str, path: str | os.PathLike[str]) -> Path:
+    from raypipe import __version__
+
+    out = Path(path)
+    header = (
+        f"# Ray Serve config written by `raypipe serve --emit-config` (raypipe {__version__}).\n"
+        "# Deploy it with `serve deploy <this file>` (or try it with `serve run <this file>`).\n"
+        "# After the registry alias moves, bump deployments[0].user_config.revision (or edit its\n"
+        "# model_uri) and `serve deploy` again: live replicas reload the model without a restart.\n"
+        "# Editing `args` rebuilds the app instead (replicas are replaced).\n"
+        "# A bearer token (serve.auth_token_env) is read from the replicas' environment; it is\n"
+        "# never written here.\n"
+    )
+    body = yaml.safe_dump(serve_config_doc(cfg, model_uri), sort_keys=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(header + body, encoding="utf-8")
+    return out
+
+
+def _with_serve(cfg: RaypipeConfig, **updates: Any) -> RaypipeConfig:
+    tree = cfg.model_dump(mode="json")
+    tree["serve"].update(updates)
+    return config_from_dict(tree)
+
+
+def main(args: Any, cfg: RaypipeConfig) -> int:
+    """``raypipe serve MODEL [--host --port --replicas --gpu --emit-config PATH]``."""
+    updates: dict[str, Any] = {}
+    if getattr(args, "host", None):
+        updates["host"] = args.host
+    if getattr(args, "port", None):
+        updates["port"] = args.port
+    if getattr(args, "replicas", None):
+        updates.update(num_replicas=args.replicas, autoscaling=None)
+    if getattr(args, "gpu", False):
+        updates["use_gpu"] = True
+    if updates:
+        cfg = _with_serve(cfg, **updates)
+    model_uri = getattr(args, "model", None) or cfg.serve.model_uri
+    if not model_uri:
+        raise ConfigError("no model to serve: give MODEL (models:/name@alias or a checkpoint dir) "
+                          "or set serve.model_uri in the config")
+    if getattr(args, "emit_config", None):
+        path = write_serve_config(cfg, model_uri, args.emit_config)
+        print(f"wrote {path}; deploy it with: serve deploy {path}")
+        return 0
+    deploy(cfg, model_uri, blocking=True, progress=lambda msg: print(msg, flush=True))
+    return 0
