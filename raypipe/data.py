@@ -128,7 +128,10 @@ def _read_delimited(path: str, fmt: str, cfg: Any) -> Any:
 def _read_json(path: str, fmt: str, cfg: Any) -> Any:
     import pandas as pd
 
-    raw = Path(path).read_bytes().decode("utf-8", errors=cfg.encoding_errors)
+    try:
+        raw = Path(path).read_bytes().decode("utf-8", errors=cfg.encoding_errors)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 at byte {exc.start} (set data.encoding_errors: replace)") from None
     rows: list[Any]
     if fmt == "jsonl":
         rows = []
