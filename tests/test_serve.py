@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -46,15 +47,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def second_checkpoint(tmp_path_factory, tiny_model_dir) -> Path:
-    """Another model: different labels, and the registry fields a models:/ URI would carry."""
+    """Another model: different labels (so a swap is visible in every answer)."""
     from raypipe.config import RaypipeConfig
     from raypipe.model import build, save_checkpoint
 
     cfg = RaypipeConfig(model={"name": str(tiny_model_dir)})
     model, tokenizer = build(cfg.model, ["neg", "pos"])
     out = tmp_path_factory.mktemp("ckpt2") / "checkpoint"
-    save_checkpoint(out, model, tokenizer, {"labels": ["neg", "pos"], "max_length": 32,
-                                            "model_name": "tiny", "model_version": "2"})
+    save_checkpoint(out, model, tokenizer, {"labels": ["neg", "pos"], "max_length": 32})
     return out
 
 
@@ -238,12 +238,17 @@ def test_serve_run_import_path_serves_predict(tiny_checkpoint, tmp_path):
         log.close()
 
 
+CHAMPION = "models:/serve-tiny@champion"
+
+
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint, tmp_path_factory):
-    """One Serve deployment of the tiny checkpoint for the module, on a free port."""
+    """One Serve deployment for the module, on a free port, of the registry's champion: the
+    tiny checkpoint registered as version 1 in a real sqlite MLflow store."""
     import ray
     from ray import serve
 
+    from raypipe.registry import register_checkpoint
     from raypipe.serve import deploy
 
     started = not ray.is_initialized()
@@ -262,14 +267,22 @@ def served(tiny_checkpoint, tmp_path_factory):
             "max_texts": 8, "max_chars": 200,
         },
     })
+    v1 = register_checkpoint(tiny_checkpoint, cfg, name="serve-tiny", metrics={"test_macro_f1": 0.5})
+    assert v1.version == "1" and v1.decision.promoted
     start = time.perf_counter()
-    handle = deploy(cfg, str(tiny_checkpoint), ready_timeout_s=180)
+    handle = deploy(cfg, CHAMPION, ready_timeout_s=180)
     print(f"\ndeploy (Serve already started) took {time.perf_counter() - start:.1f} s")
-    handle.cfg = cfg  # type: ignore[attr-defined]
-    yield handle
+    yield SimpleNamespace(url=handle.url, cfg=cfg)
     serve.shutdown()
     if started:
         ray.shutdown()
+
+
+def served_run_id(served) -> str:
+    from mlflow.tracking import MlflowClient
+
+    uri = served.cfg.resolved_tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("serve-tiny", "1").run_id
 
 
 def _post(url: str, body: dict, **kw) -> httpx.Response:
@@ -287,7 +300,7 @@ def test_served_predictions_equal_the_offline_predictor(served, tiny_checkpoint)
         assert got["score"] == pytest.approx(ref["score"], abs=1e-5)
         for label, prob in ref["probabilities"].items():
             assert got["probabilities"][label] == pytest.approx(prob, abs=1e-5)
-    assert body["model"]["name"] == "checkpoint"
+    assert body["model"] == {"name": "serve-tiny", "version": "1", "run_id": served_run_id(served)}
     top = _post(served.url, {"text": TEXTS[0], "top_k": 1}).json()["predictions"][0]
     assert top["probabilities"] == {want[0]["label"]: pytest.approx(want[0]["score"], abs=1e-5)}
 
@@ -363,8 +376,9 @@ def test_cli_predict_over_http_and_offline_print_the_same_labels(served, tiny_ch
     assert [p["score"] for p in over_http] == pytest.approx([p["score"] for p in offline], abs=1e-5)
 
 
-def test_redeploy_swaps_the_model_with_no_failed_request(served, second_checkpoint):
+def test_alias_move_and_redeploy_swap_the_model_with_no_failed_request(served, second_checkpoint):
     """Last in the module: it replaces the model the other tests rely on."""
+    from raypipe.registry import register_checkpoint
     from raypipe.serve import deploy
 
     outcomes: list[tuple[int, str | None]] = []
@@ -388,8 +402,11 @@ def test_redeploy_swaps_the_model_with_no_failed_request(served, second_checkpoi
     thread.start()
     try:
         time.sleep(0.5)
+        v2 = register_checkpoint(second_checkpoint, served.cfg, name="serve-tiny",
+                                 metrics={"test_macro_f1": 0.9})
+        assert v2.version == "2" and v2.decision.promoted  # @champion moved to v2
         start = time.perf_counter()
-        again = deploy(served.cfg, str(second_checkpoint), ready_timeout_s=180)
+        again = deploy(served.cfg, CHAMPION, ready_timeout_s=180)  # the same URI, redeployed
         swap_s = time.perf_counter() - start
         deadline = time.monotonic() + 30  # until the old replica has drained and stopped
         while time.monotonic() < deadline and (not outcomes or outcomes[-1][1] != "2"):
@@ -401,10 +418,10 @@ def test_redeploy_swaps_the_model_with_no_failed_request(served, second_checkpoi
     print(f"\nredeploy took {swap_s:.1f} s; {len(outcomes)} requests during the swap")
     assert failures == []
     versions = [v for _, v in outcomes]
-    assert versions[0] is None and versions[-1] == "2"
+    assert versions[0] == "1" and versions[-1] == "2"
     meta = httpx.get(f"{again.url}/metadata").json()
-    assert meta["model"] == {"name": "tiny", "version": "2", "run_id": None}
-    assert meta["labels"] == ["neg", "pos"]
+    assert meta["model"] == {"name": "serve-tiny", "version": "2", "run_id": v2.run_id}
+    assert meta["labels"] == ["neg", "pos"] and meta["source"] == CHAMPION
 
 
 @pytest.mark.slow
@@ -477,7 +494,7 @@ def test_serve_deploy_of_the_emitted_config_swaps_in_place_on_a_user_config_chan
     assert lines, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
     before, after = result["before"], result["after"]
-    assert after["labels"] == ["neg", "pos"] and after["model"]["version"] == "2"
+    assert after["labels"] == ["neg", "pos"] and after["path"] == str(second_checkpoint.resolve())
     assert after["serving"]["replica"] == before["serving"]["replica"]  # no restart
     assert after["serving"]["revision"] == "2"
     assert result["codes"] and set(result["codes"]) == {200}
