@@ -13,19 +13,23 @@ log = logging.getLogger("raypipe")
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",  # tokenizers' own threads fight torch's on small hosts
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # Train V2 routes worker print() through a logger *and* the raw stream, so every progress
+    # line reached the driver twice; plain stdout is forwarded by Ray exactly once.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 
-def ensure_ray(cfg: Any) -> None:
+def ensure_ray(cfg: Any) -> bool:
     """Use the Ray that is already initialised, else join/start one as ``cfg.ray`` says.
 
     Address resolution is Ray's own (``$RAY_ADDRESS``, then a running local cluster, then a new
     one), so the same code works on a laptop, under ``ray job submit`` and on ``ray up`` clusters.
+    Returns True when this call connected (so the caller owns the shutdown).
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     kwargs: dict[str, Any] = {"address": cfg.ray.address, "runtime_env": {"env_vars": dict(WORKER_ENV)}}
@@ -43,6 +47,7 @@ def ensure_ray(cfg: Any) -> None:
         f"[raypipe] Ray ready: {int(resources.get('CPU', 0))} CPU, {int(resources.get('GPU', 0))} GPU"
         + (f"; dashboard http://{url}" if url else "")
     )
+    return True
 
 
 def resolve_use_gpu(cfg: Any) -> bool:

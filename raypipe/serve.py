@@ -398,21 +398,6 @@ def _running_http(s: ServeConfig, say: Callable[[str], None]) -> ServeConfig:
     return s
 
 
-def _ensure_ray(progress: Callable[[str], None]) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        progress(f"connecting to the Ray cluster at {address}")
-        ray.init(address=address)
-    else:
-        progress("starting a local Ray instance (dashboard on 127.0.0.1)")
-        ray.init(address="local", dashboard_host="127.0.0.1")
-    return True
-
-
 def _watch_status(app_name: str, progress: Callable[[str], None], stop: threading.Event) -> None:
     """Print the app's deployment status whenever it changes, until ``stop`` is set."""
     last = None
@@ -470,7 +455,9 @@ def deploy(cfg: RaypipeConfig, model_uri: str | None = None, blocking: bool = Fa
     _check_source(_normalise_uri(model_uri))
     token = resolve_token(s)  # fail here, not in every replica, when the variable is unset
     start = time.perf_counter()
-    started_ray = _ensure_ray(say)
+    from raypipe.runtime import ensure_ray
+
+    started_ray = ensure_ray(cfg)
     serve.start(http_options={"host": s.host, "port": s.port})
     application = build_app(cfg, model_uri, revision=revision)
     url = client_url(_running_http(s, say))

@@ -226,6 +226,11 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, forc
         sweep_path.mkdir(parents=True, exist_ok=True)
         (sweep_path / SWEEP_FILE).write_text(json.dumps({"parent_run_id": parent_run_id}))
 
+    if cfg.tune.scheduler.type == "asha" and not _state_api_available():
+        print(
+            "[raypipe] warning: the Ray dashboard is off, so the State API is missing; Ray Train "
+            "needs it to free the workers of trials that ASHA stops early (set ray.include_dashboard: true)"
+        )
     n, why = concurrency(cfg, ray.cluster_resources(), use_gpu)
     print(f"[raypipe] running up to {n} trial(s) at once ({why})")
     shared_data = not any(p.startswith(_PER_TRIAL_DATA_KEYS) for p in cfg.tune.search_space)
@@ -277,6 +282,15 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, forc
     return result
 
 
+def _state_api_available() -> bool:
+    import ray
+
+    try:
+        return bool(ray.worker.get_dashboard_url())
+    except Exception:
+        return False
+
+
 def _scheduler(cfg: RaypipeConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -285,7 +299,9 @@ def _scheduler(cfg: RaypipeConfig) -> Any:
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr="epoch",
-        max_t=cfg.train.epochs,
+        # One past the last epoch: at max_t ASHA stops a trial, and a stopped trial's driver is
+        # killed before its TorchTrainer can release its workers. Finishing on its own, it does.
+        max_t=cfg.train.epochs + 1,
         grace_period=min(s.grace_period, cfg.train.epochs),
         reduction_factor=s.reduction_factor,
     )

@@ -115,6 +115,8 @@ def ray_local():
     """A real local Ray instance with 2 CPUs for the whole session (never a shared cluster)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # The dashboard hosts the State API, which Ray Train's placement-group cleaner needs to
+    # free the workers of trials that a Tune scheduler stops early.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None)
     yield ray
     ray.shutdown()
