@@ -102,9 +102,13 @@ def read(path: str, cfg: Any, *, role: str = "train") -> Any:
         "hf": _read_hf,
     }[fmt]
     frame = reader(path, fmt, cfg)
-    if fmt == "folder":
-        return frame
-    return _to_examples(frame, path, cfg)
+    if fmt != "folder":  # the folder reader reports replaced bytes per file itself
+        frame = _to_examples(frame, path, cfg)
+        if fmt not in ("parquet", "hf"):
+            hits = int(frame["text"].str.contains("\ufffd", regex=False).sum())
+            if hits:
+                log.warning("%s: %d row(s) contain U+FFFD (undecodable bytes were replaced)", path, hits)
+    return frame
 
 
 def _read_delimited(path: str, fmt: str, cfg: Any) -> Any:

@@ -72,13 +72,11 @@ def test_two_worker_run_learns_and_logs_every_epoch(ray_local, tiny_config):
     assert from_confusion(cm)["macro_f1"] == pytest.approx(result.best_value, abs=1e-6)
 
 
-def test_worker_failure_resumes_from_checkpoint_into_the_same_mlflow_run(ray_local, tiny_config, tmp_path, capfd):
-    from raypipe.training import run
+def _loop_failing_in_epoch_2(rank: int, message: str, once_marker: str | None = None):
+    """The real worker loop, except that worker ``rank`` raises just before reporting epoch 2
+    (only the first time, when ``once_marker`` names a file to leave behind)."""
 
-    marker = str(tmp_path / "failed-once")
-
-    def flaky_loop(config):
-        # Make worker 1 raise once, in epoch 2, just before it would report.
+    def loop(config):
         import os
 
         import ray.train
@@ -88,9 +86,11 @@ def test_worker_failure_resumes_from_checkpoint_into_the_same_mlflow_run(ray_loc
         real_report = ray.train.report
 
         def report(metrics, checkpoint=None, **kw):
-            if metrics["epoch"] == 2 and ray.train.get_context().get_world_rank() == 1 and not os.path.exists(marker):
-                open(marker, "w").close()
-                raise RuntimeError("injected failure in epoch 2")
+            if metrics["epoch"] == 2 and ray.train.get_context().get_world_rank() == rank:
+                if once_marker is None or not os.path.exists(once_marker):
+                    if once_marker:
+                        open(once_marker, "w").close()
+                    raise RuntimeError(message)
             return real_report(metrics, checkpoint=checkpoint, **kw)
 
         ray.train.report = report
@@ -98,6 +98,15 @@ def test_worker_failure_resumes_from_checkpoint_into_the_same_mlflow_run(ray_loc
             train_loop_per_worker(config)
         finally:
             ray.train.report = real_report
+
+    return loop
+
+
+def test_worker_failure_resumes_from_checkpoint_into_the_same_mlflow_run(ray_local, tiny_config, tmp_path, capfd):
+    from raypipe.training import run
+
+    marker = str(tmp_path / "failed-once")
+    flaky_loop = _loop_failing_in_epoch_2(rank=1, message="injected failure in epoch 2", once_marker=marker)
 
     cfg = _cfg(tiny_config, scaling__num_workers=2, scaling__max_failures=1, train__epochs=3)
     result = run(cfg, train_loop=flaky_loop)
@@ -118,23 +127,7 @@ def test_exhausted_failures_end_the_mlflow_run_failed_with_the_error(ray_local, 
     from raypipe.errors import TrainingError
     from raypipe.training import run
 
-    def always_fails_in_epoch_2(config):
-        import ray.train
-
-        from raypipe.loop import train_loop_per_worker
-
-        real_report = ray.train.report
-
-        def report(metrics, checkpoint=None, **kw):
-            if metrics["epoch"] == 2:
-                raise RuntimeError("disk on fire")
-            return real_report(metrics, checkpoint=checkpoint, **kw)
-
-        ray.train.report = report
-        try:
-            train_loop_per_worker(config)
-        finally:
-            ray.train.report = real_report
+    always_fails_in_epoch_2 = _loop_failing_in_epoch_2(rank=0, message="disk on fire")
 
     cfg = _cfg(tiny_config, scaling__num_workers=1, scaling__max_failures=0, train__epochs=3)
     with pytest.raises(TrainingError, match="best checkpoint so far: .*checkpoint") as err:
