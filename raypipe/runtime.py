@@ -33,7 +33,9 @@ def ensure_ray(cfg: Any) -> bool:
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     kwargs: dict[str, Any] = {"address": cfg.ray.address, "runtime_env": {"env_vars": dict(WORKER_ENV)}}
-    joining = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    # address "local" always starts a new local Ray, so the options for a new one apply to it.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    joining = bool(address) and address != "local"
     if not joining:
         kwargs.update(
             num_cpus=cfg.ray.num_cpus,
