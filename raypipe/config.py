@@ -228,7 +228,9 @@ class RaypipeConfig(_Section):
     workdir: str = Field("raypipe-work", description="Holds mlflow.db, mlartifacts/, ray_results/.")
     name: str = Field("raypipe", min_length=1, description="Run name prefix.")
     storage_path: str | None = Field(
-        None, description="Ray Train/Tune storage (shared FS or s3:// on clusters)."
+        None,
+        description="Ray Train/Tune storage (shared FS or s3:// on clusters). Default: "
+        "$RAYPIPE_STORAGE_PATH, else <workdir>/ray_results.",
     )
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -254,8 +256,8 @@ class RaypipeConfig(_Section):
 
     @property
     def resolved_storage_path(self) -> str:
-        if self.storage_path:
-            sp = self.storage_path
+        sp = self.storage_path or os.environ.get("RAYPIPE_STORAGE_PATH")  # cluster.yaml sets it
+        if sp:
             return sp if "://" in sp else str(Path(sp).expanduser().resolve())
         return str(self.workdir_path / "ray_results")
 
