@@ -1,0 +1,99 @@
+"""The Hugging Face ``Trainer`` baseline of benchmark 2 (and of the GPU run).
+
+Dynamic padding with ``DataCollatorWithPadding`` and the Trainer's defaults otherwise
+(random sampling — no length grouping —, its default fused AdamW, linear schedule), so it
+stands for what a user gets from the textbook recipe.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+
+def run_trainer(
+    model_dir: str,
+    train_texts: list[str],
+    train_labels: list[int],
+    eval_texts: list[str],
+    eval_labels: list[int],
+    *,
+    num_labels: int,
+    max_length: int = 128,
+    batch_size: int = 32,
+    epochs: int = 1,
+    lr: float = 1e-4,
+    warmup_ratio: float = 0.1,
+    weight_decay: float = 0.01,
+    seed: int = 42,
+    bf16: bool = False,
+    use_cpu: bool = True,
+    group_by_length: bool = False,
+    compile: bool = False,
+) -> dict[str, Any]:
+    import datasets
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def encode(texts: list[str], labels: list[int]) -> Any:
+        ds = datasets.Dataset.from_dict({"text": texts, "label": labels})
+        return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
+                      batched=True, remove_columns=["text"])
+
+    train_ds, eval_ds = encode(train_texts, train_labels), encode(eval_texts, eval_labels)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=num_labels, ignore_mismatched_sizes=True, use_safetensors=True
+    )
+
+    def metrics(pred: Any) -> dict[str, float]:
+        return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=64,
+            num_train_epochs=epochs,
+            learning_rate=lr,
+            warmup_steps=warmup_ratio,
+            weight_decay=weight_decay,
+            max_grad_norm=1.0,
+            seed=seed,
+            bf16=bf16,
+            use_cpu=use_cpu,
+            eval_strategy="no",
+            save_strategy="no",
+            logging_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            train_sampling_strategy="group_by_length" if group_by_length else "random",
+            torch_compile=compile,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics)
+        t0 = time.perf_counter()
+        out_train = trainer.train()
+        wall = time.perf_counter() - t0
+        ev = trainer.evaluate()
+    m = out_train.metrics
+    return {
+        "samples_per_s": float(m["train_samples_per_second"]),
+        "train_runtime_s": float(m["train_runtime"]),
+        "train_wall_s": wall,
+        "train_loss": float(m.get("train_loss", float("nan"))),
+        "accuracy": float(ev["eval_accuracy"]),
+    }

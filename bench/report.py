@@ -1,0 +1,233 @@
+"""Turn ``bench/results/*.json`` into the tables of BENCHMARKS.md.
+
+Only the blocks between ``<!-- BEGIN AUTO name -->`` and ``<!-- END AUTO name -->`` are
+rewritten; the prose around them (what limits each number, profiles, decisions) is kept.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from bench import common as C
+
+DOC = C.ROOT / "BENCHMARKS.md"
+
+
+def _yes(met: Any) -> str:
+    return "—" if met is None else ("**met**" if met else "**missed**")
+
+
+def machine_line(r: dict[str, Any]) -> str:
+    m = r.get("machine", {})
+    v = m.get("versions", {})
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    load = "/".join(str(x) for x in m.get("load_avg_at_start", []))
+    return (f"Machine: {m.get('nproc')} × {m.get('cpu')}, {m.get('ram_gib')} GiB RAM{gpu}; load average at start "
+            f"{load} (shared machine). Date {m.get('date')}, commit {m.get('git')}. Versions: Python {v.get('python')}, "
+            f"torch {v.get('torch')}, transformers {v.get('transformers')}, ray {v.get('ray')}, "
+            f"tokenizers {v.get('tokenizers')}, fastapi {v.get('fastapi')}, uvicorn {v.get('uvicorn')}. "
+            f"Wall time of the benchmark: {r.get('wall_s', '?')} s.")
+
+
+def header(r: dict[str, Any]) -> list[str]:
+    quick = " (**--quick smoke numbers, not results**)" if r.get("quick") else ""
+    return [f"Command: `{r['command']}`{quick}", "", machine_line(r), ""]
+
+
+def render_train(r: dict[str, Any]) -> list[str]:
+    s = r["settings"]
+    out = header(r) + [
+        f"Model {s['model']}, {s['rows']} rows × {s['max_length']} tokens (every row full), batch {s['batch_size']}, "
+        f"fp32, {s['epochs']} epochs per run (last epoch = steady state), {s['repeats']} alternating repeats.", "",
+        "| side | samples/s, median [min–max] |", "|---|---|",
+    ]
+    for k, v in r["samples_per_s"].items():
+        out.append(f"| {k} | {C.fmt_num(v)} |")
+    out += ["", "| comparison | ratio, median [min–max] | target | |", "|---|---|---|---|"]
+    for row in r["rows"]:
+        tgt = f"≥ {row['target']}×" if row.get("target") else "—"
+        out.append(f"| {row['side']} / {row['baseline']} | {C.fmt_ratio(row['ratio'])} | {tgt} | {_yes(row['met'])} |")
+    return out
+
+
+def render_sst2(r: dict[str, Any]) -> list[str]:
+    s, row = r["settings"], r["rows"][0]
+    return header(r) + [
+        f"Model {s['model']}, {s.get('train_rows_actual')} SST-2 train sentences, {s.get('dev_rows_actual')} dev, "
+        f"{s['epochs']} epoch(s), batch {s['batch_size']}, lr {s['lr']}, max_length {s['max_length']}, fp32; "
+        f"raypipe with {s['num_workers']} worker(s) × {s['cpus_per_worker']} CPU; {s['repeats']} alternating repeats.", "",
+        "| side | samples/s | dev accuracy |", "|---|---|---|",
+        f"| raypipe | {C.fmt_num(row['raypipe_sps'])} | {C.fmt_num(row['raypipe_acc'], 4)} |",
+        f"| HF Trainer (DataCollatorWithPadding) | {C.fmt_num(row['trainer_sps'])} | {C.fmt_num(row['trainer_acc'], 4)} |",
+        "",
+        "| comparison | value | target | |", "|---|---|---|---|",
+        f"| samples/s raypipe / Trainer | {C.fmt_ratio(row['ratio'])} | ≥ {row['target']}× (CPU), accuracy within 0.5 pt | {_yes(row['met'])} |",
+        f"| dev accuracy raypipe − Trainer | {row['acc_delta_pt']:+.2f} pt (medians) | ≥ −0.5 pt | |",
+    ]
+
+
+def render_data(r: dict[str, Any]) -> list[str]:
+    s = r["settings"]
+    rps = r["rows_per_s"]
+    out = header(r) + [
+        f"{s.get('rows_actual')} SST-2 train sentences, MiniLM tokenizer, max_length {s['max_length']}, "
+        f"{s['repeats']} alternating repeats. Ray Data fixed cost per call (≈{s['small_rows']} rows): "
+        f"{C.fmt_num(r['fixed_cost_s'], 2)} s.", "",
+        "| side | rows/s, median [min–max] |", "|---|---|",
+        f"| plain `Tokenize` in-process | {C.fmt_num(rps['plain'], 0)} |",
+        f"| Ray Data `to_ray_dataset` (end to end) | {C.fmt_num(rps['ray_data'], 0)} |",
+        f"| Ray Data, fixed cost removed | {C.fmt_num(rps['ray_marginal'], 0)} |",
+        "", "| comparison | ratio | target | |", "|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        tgt = f"≥ {row['target']}×" if row.get("target") else "—"
+        out.append(f"| {row['side']} / plain | {C.fmt_ratio(row['ratio'])} | {tgt} | {_yes(row['met'])} |")
+    return out
+
+
+def render_serve(r: dict[str, Any]) -> list[str]:
+    s = r["settings"]
+    names = s["servers"]
+    fw = r["forward_in_process"]
+    out = header(r) + [
+        f"Checkpoint: {s['model']} (untrained, built with raypipe.model.build + save_checkpoint), max_length "
+        f"{s['max_length']}; one SST-2 dev sentence per request; {s['duration']} s per measurement after "
+        f"{s['warmup']} s warm-up, ≤ {s['max_requests']} requests; {s['repeats']} rotating repeats.",
+        "Model forward, one sentence, in-process: " + ", ".join(
+            f"{k.replace('_ms', '').replace('_', ' ')}: {C.fmt_num(v, 2)} ms" for k, v in fw.items()) + "; "
+        f"inside the Serve replica (from /stats at c=1): {C.fmt_num(r['replica_forward_ms'], 2)} ms. "
+        f"Start-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["startup"].items()) + ".", "",
+        "| c | " + " | ".join(f"{n} req/s" for n in names) + " | " + " | ".join(f"{n} p50 / p99 ms" for n in names)
+        + " | " + " | ".join(f"{n} / bare" for n in names if n != "bare") + " |",
+        "|---" * (1 + 2 * len(names) + len(names) - 1) + "|",
+    ]
+    for row in r["table"]:
+        cells = [str(row["concurrency"])]
+        cells += [C.fmt_num(row[n]["rps"]) for n in names]
+        cells += [f"{row[n]['p50_ms']['median']:.1f} / {row[n]['p99_ms']['median']:.1f}"
+                  + (f" ({row[n]['errors']} err)" if row[n]["errors"] else "") for n in names]
+        cells += [C.fmt_ratio(row[f"{n}_vs_bare"]) for n in names if n != "bare"]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "| target | value | |", "|---|---|---|"]
+    for row in r["rows"]:
+        if not row:
+            continue
+        if "ratio" in row:
+            out.append(f"| {row['what']} ≥ {row['target']}× | {C.fmt_ratio(row['ratio'])} | {_yes(row['met'])} |")
+        else:
+            tgt = f" ≤ {row['target']} ms" if row.get("target") else ""
+            out.append(f"| {row['what']}{tgt} | {C.fmt_num(row['value'], 1) if row['value'] else 'n/a'} | {_yes(row['met'])} |")
+    return out
+
+
+def render_tune(r: dict[str, Any]) -> list[str]:
+    s = r["settings"]
+    out = header(r) + [
+        f"Tiny BERT, {s['train_rows']} SST-2 train sentences, {'full dev set' if not s['dev_rows'] else s['dev_rows']} "
+        f"as validation, {s['epochs']} epochs per trial, grid lr {s['lrs']} × batch {s['batch_sizes']} "
+        f"({len(s['lrs']) * len(s['batch_sizes'])} trials), ASHA grace {s['grace_period']}, reduction factor "
+        f"{s['reduction_factor']}; 1 worker × 0.5 CPU per trial. {r.get('note', '')}", "",
+        "| scheduler | trials | trial-epochs | epochs per trial | best val accuracy | trial-epochs to best −0.5 pt | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, sw in r["sweeps"].items():
+        out.append(f"| {name} | {sw['trials']} | {sw['trial_epochs']} | {sw['epochs_per_trial']} | "
+                   f"{sw['best_acc']:.4f} | {sw.get('to_target')} | {sw['wall_s']:.0f} |")
+    out += ["", "| comparison | value | target | |", "|---|---|---|---|"]
+    for row in r["rows"]:
+        tgt = f"≤ {row['target']:.0%}" if row.get("target") else "—"
+        out.append(f"| {row['what']} | {row['value']:.0%} | {tgt} | {_yes(row['met'])} |")
+    return out
+
+
+def render_startup(r: dict[str, Any]) -> list[str]:
+    sec = r["seconds"]
+    labels = {
+        "python_pass": "`python -c pass` (interpreter floor)",
+        "raypipe_help": "`raypipe --help`",
+        "import_raypipe": "`python -c 'import raypipe'`",
+        "import_raypipe_predict": "`python -c 'import raypipe.predict, torch, transformers'`",
+        "import_raypipe_serve": "`python -c 'import raypipe.serve'` (ray.serve, fastapi)",
+        "serve_cold_start": "`raypipe serve CKPT` (tiny) → first 200 from /ready (Ray + Serve + replica + load)",
+        "quickstart": "`raypipe run examples/configs/quickstart.yaml` end to end",
+    }
+    out = header(r) + [f"Fresh process each time, {r['settings']['repeats']} alternating repeats.", "",
+                       "| what | seconds, median [min–max] | target | |", "|---|---|---|---|"]
+    for k, label in labels.items():
+        if k in sec:
+            tgt, met = ("< 0.5 s", r["rows"][0]["met"]) if k == "raypipe_help" else ("—", None)
+            out.append(f"| {label} | {C.fmt_num(sec[k], 2)} | {tgt} | {_yes(met)} |")
+    if "quickstart" not in sec:
+        out.append("| `raypipe run examples/configs/quickstart.yaml` end to end | TODO-lead (opt-in: "
+                   "`RAYPIPE_BENCH_QUICKSTART=1 python -m bench startup`) | — | — |")
+    return out
+
+
+RENDER = {"train": render_train, "sst2": render_sst2, "data": render_data, "serve": render_serve,
+          "tune": render_tune, "startup": render_startup}
+
+
+def summary(results: dict[str, dict[str, Any]]) -> list[str]:
+    out = ["| benchmark | target | result | |", "|---|---|---|---|"]
+    t = results.get("train")
+    if t:
+        for row in t["rows"]:
+            if row.get("target"):
+                out.append(f"| 1. train {row['side']} vs plain loop | ≥ {row['target']}× | {C.fmt_ratio(row['ratio'])} | {_yes(row['met'])} |")
+        for row in t["rows"]:
+            if not row.get("target"):
+                out.append(f"| 1. train {row['side']} vs {row['baseline']} | — | {C.fmt_ratio(row['ratio'])} | — |")
+    s = results.get("sst2")
+    if s:
+        row = s["rows"][0]
+        out.append(f"| 2. SST-2 raypipe vs HF Trainer (CPU) | ≥ 1.5×, acc ±0.5 pt | {C.fmt_ratio(row['ratio'])}, "
+                   f"acc {row['acc_delta_pt']:+.2f} pt | {_yes(row['met'])} |")
+    d = results.get("data")
+    if d:
+        row = d["rows"][0]
+        out.append(f"| 3. Ray Data tokenisation vs plain | ≥ 0.8× | {C.fmt_ratio(row['ratio'])} | {_yes(row['met'])} |")
+    v = results.get("serve")
+    if v:
+        for row in v["rows"]:
+            if row and row.get("target") is not None:
+                val = C.fmt_ratio(row["ratio"]) if "ratio" in row else (C.fmt_num(row["value"], 1) + " ms" if row["value"] else "n/a")
+                tgt = f"≥ {row['target']}×" if "ratio" in row else f"≤ {row['target']} ms"
+                out.append(f"| 4. {row['what']} | {tgt} | {val} | {_yes(row['met'])} |")
+    u = results.get("tune")
+    if u:
+        for row in u["rows"]:
+            if row.get("target"):
+                out.append(f"| 5. {row['what']} | ≤ {row['target']:.0%} | {row['value']:.0%} | {_yes(row['met'])} |")
+    st = results.get("startup")
+    if st:
+        sec = st["seconds"]
+        out.append(f"| 6. `raypipe --help` | < 0.5 s | {C.fmt_num(sec['raypipe_help'], 2)} s | {_yes(st['rows'][0]['met'])} |")
+        if "serve_cold_start" in sec:
+            out.append(f"| 6. Serve cold start to /ready | — | {C.fmt_num(sec['serve_cold_start'], 1)} s | — |")
+    out.append("| 7. GPU | see section 7 | not run (no GPU lent to this session) | — |")
+    if any(r.get("quick") for r in results.values()):
+        out.append("")
+        out.append("Some of these results come from `--quick` runs: smoke numbers only.")
+    return out
+
+
+def replace_block(text: str, name: str, lines: list[str]) -> str:
+    block = f"<!-- BEGIN AUTO {name} -->\n" + "\n".join(lines) + f"\n<!-- END AUTO {name} -->"
+    pat = re.compile(rf"<!-- BEGIN AUTO {re.escape(name)} -->.*?<!-- END AUTO {re.escape(name)} -->", re.S)
+    if pat.search(text):
+        return pat.sub(lambda _m: block, text)
+    return text.rstrip("\n") + f"\n\n## {name}\n\n{block}\n"
+
+
+def write(out_dir: Path, doc: Path = DOC) -> Path:
+    results = C.load_results(out_dir)
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    for name, render in RENDER.items():
+        if name in results:
+            text = replace_block(text, name, render(results[name]))
+    text = replace_block(text, "summary", summary(results))
+    doc.write_text(text, encoding="utf-8")
+    C.log(f"updated {doc}")
+    return doc

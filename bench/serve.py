@@ -1,0 +1,204 @@
+"""Benchmark 4 — serving: raypipe's Ray Serve app (batching on and off) vs a bare uvicorn +
+FastAPI process running the same Predictor and the same FastAPI app (``raypipe.api``).
+
+Servers, all on 127.0.0.1, all up for the whole benchmark (idle ones cost ~nothing):
+  bare              python -m bench.bare_server CKPT (one process, no Ray, no batching)
+  serve_batched     raypipe.serve.deploy(...)  serve.max_batch_size=32 (default), route /b
+  serve_unbatched   raypipe.serve.deploy(...)  serve.max_batch_size=1, route /u
+Load comes from a separate process (``python -m bench.loadgen``, async httpx), one sentence of
+SST-2 dev per request, ``concurrency`` clients back to back, bounded in time and count. For each
+concurrency the servers take turns (rotating order) in every repeat.
+
+"Forward time" is the model's own time per call as the replica measured it (``/stats``:
+inference seconds / batches, at concurrency 1), so Serve's p50 overhead = p50 - forward time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import common as C
+
+TARGET_RPS_C32 = 1.0
+TARGET_P50_OVERHEAD_MS = 5.0
+LABELS = ["negative", "positive"]
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"model": "tiny", "max_length": 64, "concurrency": [1, 8], "duration": 1.0, "warmup": 0.3,
+                "max_requests": 500, "repeats": 1, "servers": ["bare", "serve_batched"]}
+    return {"model": "minilm", "max_length": 128, "concurrency": [1, 8, 32], "duration": 4.0, "warmup": 1.0,
+            "max_requests": 4000, "repeats": 3, "servers": ["bare", "serve_batched", "serve_unbatched"]}
+
+
+def _get(url: str) -> Any:
+    import httpx
+
+    return httpx.get(url, timeout=10).json()
+
+
+def _wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None) -> float:
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url}/ready answered")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url}/ready did not answer 200 in {timeout:.0f}s")
+
+
+def loadgen(url: str, c: int, s: dict[str, Any], texts: Path) -> dict[str, Any]:
+    cmd = [C.python(), "-m", "bench.loadgen", url, "--concurrency", str(c), "--duration", str(s["duration"]),
+           "--max-requests", str(s["max_requests"]), "--warmup", str(s["warmup"]), "--texts", str(texts)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=C.bench_env(), cwd=C.ROOT,
+                         timeout=s["duration"] + s["warmup"] + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool = False, repeats: int | None = None, work: Path | None = None,
+        device: str = "cpu") -> dict[str, Any]:
+    s = settings(quick)
+    s["device"] = device
+    if device == "cuda":  # one GPU: a second app's replica (1 GPU each) would never be placed
+        s["servers"] = [n for n in s["servers"] if n != "serve_unbatched"]
+    s["repeats"] = repeats or s["repeats"]
+    work = work or Path(tempfile.mkdtemp(prefix="raypipe-bench-serve-"))
+    src = C.model_source(s["model"], work)
+    ckpt = C.checkpoint_without_training(src, work, LABELS, s["max_length"])
+    texts = work / "texts.txt"
+    texts.write_text("\n".join(C.sst2_frame("dev")["text"]) + "\n", encoding="utf-8")
+
+    # The model's own forward time in this process, for reference (2 threads and 1 thread).
+    import torch
+
+    from raypipe.predict import Predictor
+
+    pred = Predictor.from_dir(ckpt, device=device)
+    sample = C.sst2_frame("dev", n=40, seed=1)["text"].tolist()
+    forward: dict[str, Any] = {}
+    default_threads = torch.get_num_threads()
+    for threads in sorted({default_threads, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        pred.predict(sample[:4])
+        times = []
+        for t in sample:
+            t0 = time.perf_counter()
+            pred.predict([t])
+            times.append((time.perf_counter() - t0) * 1000)
+        forward[f"{threads}_threads_ms"] = C.stats(times)
+    torch.set_num_threads(default_threads)
+    del pred
+
+    bare_port = C.free_port()
+    bare_url = f"http://127.0.0.1:{bare_port}"
+    bare = subprocess.Popen([C.python(), "-m", "bench.bare_server", str(ckpt), "--port", str(bare_port),
+                             "--device", device],
+                            env=C.bench_env(), cwd=C.ROOT)
+    startup: dict[str, float] = {}
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    replica_forward: list[float] = []
+    try:
+        startup["bare_to_ready_s"] = _wait_ready(bare_url, 180, bare)
+        from raypipe import serve as rserve
+        from raypipe.config import config_from_dict
+
+        serve_port = C.free_port()
+        urls = {"bare": bare_url}
+        with C.ray_session(num_cpus=os.cpu_count() or 2):
+            from ray import serve
+
+            try:
+                for name, route, mbs in (("serve_batched", "/b", 32), ("serve_unbatched", "/u", 1)):
+                    if name not in s["servers"]:
+                        continue
+                    cfg = config_from_dict({"workdir": str(work / "w"), "serve": {
+                        "port": serve_port, "app_name": name, "route_prefix": route, "max_batch_size": mbs,
+                        "use_gpu": device == "cuda"}})
+                    t0 = time.perf_counter()
+                    served = rserve.deploy(cfg, str(ckpt), ready_timeout_s=300)
+                    startup[f"{name}_deploy_s"] = time.perf_counter() - t0
+                    urls[name] = served.url
+                    C.log(f"{name} ready at {served.url} in {startup[f'{name}_deploy_s']:.1f}s")
+                for r in range(s["repeats"]):
+                    for c in s["concurrency"]:
+                        names = s["servers"]
+                        order = names[(r + c) % len(names):] + names[: (r + c) % len(names)]
+                        for name in order:
+                            before = _get(f"{urls[name]}/stats") if c == 1 and name != "bare" else None
+                            res = loadgen(urls[name], c, s, texts)
+                            if before is not None:
+                                after = _get(f"{urls[name]}/stats")
+                                nb = after["batches"] - before["batches"]
+                                if nb > 0:
+                                    fw = (after["inference_seconds"] - before["inference_seconds"]) / nb * 1000
+                                    res["replica_forward_ms"] = fw
+                                    if name == "serve_batched":
+                                        replica_forward.append(fw)
+                            raw.setdefault(name, {}).setdefault(str(c), []).append(res)
+                            C.log(f"serve r{r + 1} c={c} {name}: {res['rps']:.1f} req/s p50 {res['p50_ms']:.1f} ms "
+                                  f"p99 {res['p99_ms']:.1f} ms errors {res['errors']}")
+                stats_after = {n: _get(f"{u}/stats") for n, u in urls.items()}
+            finally:
+                serve.shutdown()
+    finally:
+        bare.terminate()
+        try:
+            bare.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            bare.kill()
+
+    table = []
+    for c in s["concurrency"]:
+        row: dict[str, Any] = {"concurrency": c}
+        for name in s["servers"]:
+            runs = raw[name][str(c)]
+            row[name] = {"rps": C.stats(x["rps"] for x in runs), "p50_ms": C.stats(x["p50_ms"] for x in runs),
+                         "p99_ms": C.stats(x["p99_ms"] for x in runs),
+                         "errors": sum(sum(x["errors"].values()) for x in runs)}
+            if name != "bare":
+                row[f"{name}_vs_bare"] = C.stats(a["rps"] / b["rps"] for a, b in zip(runs, raw["bare"][str(c)]))
+        table.append(row)
+    c32 = next((r for r in table if r["concurrency"] == max(s["concurrency"])), None)
+    c1 = next((r for r in table if r["concurrency"] == 1), None)
+    fw = C.stats(replica_forward)
+    overhead = C.stats(x["p50_ms"] - f for x, f in zip(raw["serve_batched"]["1"], replica_forward)) if c1 else None
+    bare_overhead = C.stats(x["p50_ms"] - forward[f"{default_threads}_threads_ms"]["median"]
+                            for x in raw["bare"]["1"]) if c1 else None
+    return {
+        "name": "serve",
+        "title": "4. Serving: Ray Serve app vs bare uvicorn + FastAPI",
+        "command": "python -m bench serve" + (" --quick" if quick else ""),
+        "settings": s,
+        "machine": C.machine(),
+        "checkpoint": {"model": s["model"], "max_length": s["max_length"], "trained": False},
+        "forward_in_process": forward,
+        "replica_forward_ms": fw,
+        "startup": startup,
+        "batch_stats": stats_after,
+        "raw": raw,
+        "table": table,
+        "rows": [
+            {"what": f"rps at c={c32['concurrency']}, batched Serve / bare", "ratio": c32["serve_batched_vs_bare"],
+             "target": TARGET_RPS_C32, "met": c32["serve_batched_vs_bare"]["median"] >= TARGET_RPS_C32} if c32 else {},
+            {"what": "Serve p50 overhead at c=1 (ms, p50 - replica forward)", "value": overhead,
+             "target": TARGET_P50_OVERHEAD_MS,
+             "met": overhead["median"] <= TARGET_P50_OVERHEAD_MS if overhead and overhead["n"] else None},
+            {"what": "bare p50 overhead at c=1 (ms, p50 - in-process forward)", "value": bare_overhead,
+             "target": None, "met": None},
+        ],
+    }

@@ -1,0 +1,130 @@
+"""Benchmark 1 — training throughput, steady state: raypipe ``train`` vs a plain PyTorch loop.
+
+Same model, batch size, rows, precision (fp32 on CPU) and optimiser on both sides. Every row is
+filled to ``max_length`` tokens (SST-2 sentences joined), so padding plays no part and the
+numbers measure the framework, not the batching. Ray start-up and the ~20 s a TorchTrainer
+spends before its loop begins are excluded: raypipe's own per-epoch ``samples_per_s`` metric
+(training steps only) is read from the run's checkpoint history, and the plain loop times its
+epochs the same way. The first epoch is warm-up; the last epoch is the steady-state figure.
+
+Sides, run alternately in one Ray session:
+  plain         bench.plain_loop in this process (torch's default threads: all cores)
+  ray_1w_1cpu   1 worker, scaling.cpus_per_worker=1 (the quickstart's setting)
+  ray_1w_allcpu 1 worker, scaling.cpus_per_worker=<all cores>
+  ray_2w        2 workers x 1 CPU (DDP over gloo)
+  local         scaling.num_workers=0 (the loop in the driver process)
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import common as C
+
+TARGET_1W = 0.95
+
+
+def _write_csv(path: Path, texts: list[str], labels: list[int]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(zip(texts, labels))
+    return path
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"model": "tiny", "rows": 256, "val_rows": 32, "max_length": 32, "batch_size": 16,
+                "epochs": 2, "repeats": 1, "sides": ["plain", "local"]}
+    return {"model": "minilm", "rows": 256, "val_rows": 32, "max_length": 32, "batch_size": 16,
+            "epochs": 2, "repeats": 2,
+            "sides": ["plain", "ray_1w_1cpu", "ray_1w_allcpu", "ray_2w", "local"]}
+
+
+def raypipe_config(work: Path, model_src: str, train_csv: Path, val_csv: Path, s: dict[str, Any],
+                   num_workers: int, cpus_per_worker: float, name: str) -> Any:
+    from raypipe.config import config_from_dict
+
+    return config_from_dict({
+        "workdir": str(work / name),
+        "name": name,
+        "data": {"path": str(train_csv), "validation_path": str(val_csv), "test_path": str(val_csv),
+                 "max_length": s["max_length"]},
+        "model": {"name": model_src},
+        "train": {"epochs": s["epochs"], "batch_size": s["batch_size"], "lr": 5e-5, "warmup_ratio": 0.1,
+                  "precision": "fp32", "keep_checkpoints": 1, "metric": "val_accuracy"},
+        "scaling": {"num_workers": num_workers, "cpus_per_worker": cpus_per_worker, "use_gpu": False},
+        "tracking": {"log_checkpoint": False},
+    })
+
+
+def run(quick: bool = False, repeats: int | None = None, work: Path | None = None) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from bench.plain_loop import tokenize, train as plain_train
+    from raypipe import training
+
+    s = settings(quick)
+    s["repeats"] = repeats or s["repeats"]
+    work = work or Path(tempfile.mkdtemp(prefix="raypipe-bench-train-"))
+    ncpu = os.cpu_count() or 2
+    src = C.model_source(s["model"], work)
+    texts, labels = C.filled_texts(s["rows"] + s["val_rows"], s["max_length"], seed=1)
+    train_csv = _write_csv(work / "train.csv", texts[: s["rows"]], labels[: s["rows"]])
+    val_csv = _write_csv(work / "val.csv", texts[s["rows"]:], labels[s["rows"]:])
+    rows = tokenize(AutoTokenizer.from_pretrained(src), texts[: s["rows"]], labels[: s["rows"]], s["max_length"])
+    counter = {"n": 0}
+
+    def plain() -> dict[str, Any]:
+        r = plain_train(src, rows, num_labels=2, batch_size=s["batch_size"], epochs=s["epochs"], lr=5e-5)
+        return {"samples_per_s": r["epochs"][-1]["samples_per_s"], "epochs": r["epochs"]}
+
+    def ray_side(num_workers: int, cpus: float) -> Any:
+        def side() -> dict[str, Any]:
+            counter["n"] += 1
+            cfg = raypipe_config(work, src, train_csv, val_csv, s, num_workers, cpus, f"bench{counter['n']}")
+            res = training.run(cfg)
+            hist = res.history
+            return {"samples_per_s": hist[-1]["samples_per_s"], "epochs": [h["samples_per_s"] for h in hist]}
+        return side
+
+    all_sides = {
+        "plain": plain,
+        "ray_1w_1cpu": ray_side(1, 1.0),
+        "ray_1w_allcpu": ray_side(1, float(ncpu)),
+        "ray_2w": ray_side(2, 1.0),
+        "local": ray_side(0, 1.0),
+    }
+    with C.ray_session(num_cpus=ncpu):
+        raw = C.alternate({k: all_sides[k] for k in s["sides"]}, s["repeats"], "train")
+    sps = {k: [r["samples_per_s"] for r in v] for k, v in raw.items()}
+
+    def ratios(a: str, b: str) -> dict[str, float] | None:
+        if a not in sps or b not in sps:
+            return None
+        return C.stats(x / y for x, y in zip(sps[a], sps[b]))
+
+    rows_out = []
+    for side, base, target in (("ray_1w_1cpu", "plain", TARGET_1W), ("ray_1w_allcpu", "plain", TARGET_1W),
+                               ("ray_2w", "ray_1w_1cpu", None), ("ray_2w", "ray_1w_allcpu", None),
+                               ("local", "plain", None)):
+        r = ratios(side, base)
+        if r is None:
+            continue
+        rows_out.append({"side": side, "baseline": base, "ratio": r, "target": target,
+                         "met": None if target is None else r["median"] >= target,
+                         "side_sps": C.stats(sps[side]), "baseline_sps": C.stats(sps[base])})
+    return {
+        "name": "train",
+        "title": "1. Training throughput (steady state)",
+        "command": "python -m bench train" + (" --quick" if quick else ""),
+        "settings": s,
+        "machine": C.machine(),
+        "raw": raw,
+        "samples_per_s": {k: C.stats(v) for k, v in sps.items()},
+        "rows": rows_out,
+    }

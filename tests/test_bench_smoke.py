@@ -1,0 +1,158 @@
+"""Smoke tests: every benchmark in bench/ runs end to end in its --quick form, so none rots.
+
+These check that the harness works and produces well-formed results — never speed (timed
+assertions on a shared 2-core machine would only flake). The numbers live in BENCHMARKS.md.
+The Ray-based ones share the session's local Ray (``ray_local``) and use the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SST2 = ROOT.parent / "shared" / "data" / "sst2"
+needs_sst2 = pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="SST-2 not found beside the checkout")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_plain_loop_trains_and_reports_per_epoch_throughput(tmp_path):
+    from transformers import AutoTokenizer
+
+    from bench import common as C
+    from bench.plain_loop import tokenize, train
+
+    src = C.model_source("tiny", tmp_path)
+    texts = ["a fine film"] * 20 + ["a dull and tiresome film"] * 20
+    rows = tokenize(AutoTokenizer.from_pretrained(src), texts, [1] * 20 + [0] * 20, 16)
+    res = train(src, rows, num_labels=2, batch_size=8, epochs=2, lr=1e-3, val_rows=rows)
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2]
+    assert all(_finite(e["samples_per_s"]) and e["samples"] == 40 for e in res["epochs"])
+    assert 0.0 <= res["val_accuracy"] <= 1.0
+
+
+def test_hf_trainer_baseline_runs(tmp_path):
+    from bench import common as C
+    from bench.hf_trainer import run_trainer
+
+    src = C.model_source("tiny", tmp_path)
+    texts = ["a fine film", "a dull and tiresome film"] * 16
+    res = run_trainer(src, texts, [1, 0] * 16, texts[:8], [1, 0] * 4, num_labels=2, batch_size=8, epochs=1)
+    assert _finite(res["samples_per_s"]) and 0.0 <= res["accuracy"] <= 1.0
+
+
+def test_bare_server_and_load_generator(tmp_path):
+    """The serving baseline and the load generator, as separate processes, for a second."""
+    from bench import common as C
+    from bench.serve import _wait_ready, loadgen
+
+    src = C.model_source("tiny", tmp_path)
+    ckpt = C.checkpoint_without_training(src, tmp_path, ["neg", "pos"], 32)
+    port = C.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.bare_server", str(ckpt), "--port", str(port)],
+                            env=C.bench_env(), cwd=ROOT)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", 120, proc)
+        texts = tmp_path / "texts.txt"
+        texts.write_text("a fine film\na dull film\n")
+        res = loadgen(f"http://127.0.0.1:{port}", 4, {"duration": 0.5, "warmup": 0.1, "max_requests": 50}, texts)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert res["requests"] > 0 and not res["errors"], res
+    assert 0 < res["p50_ms"] <= res["p99_ms"]
+    assert res["requests"] <= 50 + 4  # bounded: at most one in flight per client past the cap
+
+
+def test_startup_quick(tmp_path):
+    from bench import startup
+
+    res = startup.run(quick=True, work=tmp_path)
+    assert _finite(res["seconds"]["raypipe_help"]["median"])
+    assert _finite(res["seconds"]["import_raypipe"]["median"])
+
+
+def test_cli_and_report_render_without_touching_benchmarks_md(tmp_path):
+    """`python -m bench startup --quick --out DIR` writes JSON; the report renders every row
+    into a given file (never the real BENCHMARKS.md in a smoke run)."""
+    from bench import report
+
+    out = tmp_path / "results"
+    before = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
+    subprocess.run([sys.executable, "-m", "bench", "startup", "--quick", "--out", str(out)], check=True,
+                   cwd=ROOT, capture_output=True, timeout=300)
+    result = json.loads((out / "startup.json").read_text())
+    assert result["quick"] and result["machine"]["nproc"] >= 1
+    doc = tmp_path / "B.md"
+    doc.write_text("# B\n\n<!-- BEGIN AUTO startup -->\nold\n<!-- END AUTO startup -->\n\nprose stays\n")
+    report.write(out, doc)
+    text = doc.read_text()
+    assert "raypipe --help" in text and "old" not in text and "prose stays" in text
+    assert "<!-- BEGIN AUTO summary -->" in text
+    after = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
+    assert before == after
+
+
+# ----------------------------------------------------------------------- with a real Ray
+
+
+@pytest.mark.ray
+@needs_sst2
+def test_data_quick(ray_local):
+    from bench import data
+
+    res = data.run(quick=True)
+    assert all(_finite(v["median"]) for v in res["rows_per_s"].values())
+    assert _finite(res["rows"][0]["ratio"]["median"])
+
+
+@pytest.mark.ray
+@needs_sst2
+def test_train_quick(ray_local, tmp_path):
+    from bench import train
+
+    res = train.run(quick=True, work=tmp_path)
+    assert set(res["samples_per_s"]) == {"plain", "local"}
+    assert _finite(res["rows"][0]["ratio"]["median"])
+
+
+@pytest.mark.ray
+@needs_sst2
+def test_sst2_quick(ray_local, tmp_path):
+    from bench import sst2
+
+    res = sst2.run(quick=True, work=tmp_path)
+    row = res["rows"][0]
+    assert _finite(row["ratio"]["median"])
+    assert 0.0 <= row["raypipe_acc"]["median"] <= 1.0 and 0.0 <= row["trainer_acc"]["median"] <= 1.0
+
+
+@pytest.mark.ray
+@needs_sst2
+def test_tune_quick(ray_local, tmp_path):
+    from bench import tune
+
+    res = tune.run(quick=True, work=tmp_path)
+    asha = res["sweeps"]["asha"]
+    assert asha["trials"] == 2 and 2 <= asha["trial_epochs"] <= 4
+    assert 0.0 <= asha["best_acc"] <= 1.0
+
+
+@pytest.mark.ray
+@needs_sst2
+def test_serve_quick(ray_local, tmp_path):
+    from bench import serve
+
+    res = serve.run(quick=True, work=tmp_path)
+    for row in res["table"]:
+        for name in res["settings"]["servers"]:
+            assert row[name]["errors"] == 0 and _finite(row[name]["rps"]["median"])
+    assert _finite(res["replica_forward_ms"]["median"])
