@@ -268,7 +268,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "per_class": scores["per_class"],
                         "early_stopped": stop,
                         "data_fingerprint": config.get("fingerprint"),
-                        "config": config["cfg"],
+                        "config": config.get("config_record", config["cfg"]),
                     },
                     train_state={
                         "optimizer": optimizer.state_dict(),

@@ -44,6 +44,20 @@ def safe_params(flat: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def redact_config(tree: Any, key: str = "") -> Any:
+    """A nested config (``cfg.model_dump(mode="json")``) with :func:`safe_params`' rules applied,
+    for files others read: the run's config.yaml artifact and the checkpoint's raypipe.json."""
+    if isinstance(tree, dict):
+        return {k: redact_config(v, str(k)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact_config(v, key) for v in tree]
+    if tree is not None and SECRET_KEY.search(key) and not key.endswith("_env"):
+        return REDACTED
+    if isinstance(tree, str) and "://" in tree:
+        return redact_uri(tree)
+    return tree
+
+
 def configure(cfg: Any) -> tuple[Any, str]:
     """Point mlflow at the config's store and make sure the experiment exists.
 

@@ -21,7 +21,7 @@ from raypipe.config import RaypipeConfig, flatten
 from raypipe.data import Splits, load_splits, to_ray_dataset
 from raypipe.errors import TrainingError
 from raypipe.model import TRAIN_STATE_FILE, read_meta, resolve_model_source
-from raypipe.tracking import redact_uri, safe_params, ui_hint
+from raypipe.tracking import redact_config, redact_uri, safe_params, ui_hint
 
 
 @dataclass
@@ -85,7 +85,9 @@ def build_trainer(
     from raypipe.loop import train_loop_per_worker
     from raypipe.runtime import WORKER_ENV, worker_resources
 
-    loop_config = {"cfg": cfg.model_dump(mode="json"), "labels": splits.labels, "fingerprint": splits.fingerprint}
+    tree = cfg.model_dump(mode="json")
+    loop_config = {"cfg": tree, "labels": splits.labels, "fingerprint": splits.fingerprint,
+                   "config_record": redact_config(tree)}  # what checkpoints record: no credentials
     if cfg.scaling.num_workers == 0:
         loop_config["local_checkpoint_root"] = str(Path(cfg.resolved_storage_path) / run_name)
     return TorchTrainer(
@@ -269,7 +271,7 @@ def _finish_mlflow_run(cfg: RaypipeConfig, run_id: str, out: TrainResult) -> Non
         logger.log(epoch_metrics)
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        (t / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (t / "config.yaml").write_text(yaml.safe_dump(redact_config(cfg.model_dump(mode="json")), sort_keys=False))
         (t / "labels.json").write_text(json.dumps(out.labels, indent=2))
         client.log_artifact(run_id, str(t / "config.yaml"))
         client.log_artifact(run_id, str(t / "labels.json"))
