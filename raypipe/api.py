@@ -133,6 +133,11 @@ class PredictRequest(BaseModel):
 def _text_problem(text: str, where: str, limits: dict[str, Any]) -> str | None:
     if not text.strip():
         return f"{where} is empty or whitespace only"
+    try:
+        # JSON may carry an unpaired surrogate ("\ud800"); the tokenizer cannot take it.
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{where} is not valid Unicode: unpaired surrogate at character {exc.start}"
     max_chars = limits.get("max_chars")
     if max_chars is not None and len(text) > max_chars:
         return f"{where} has {len(text)} characters; the limit is {max_chars} (shorten or split it)"
