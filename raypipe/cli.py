@@ -86,7 +86,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
 def _cmd_models(args: argparse.Namespace) -> int:
     from raypipe.registry import list_models
 
-    print(list_models(_config(args), name=args.name))
+    # A missing store is an error here (exit 2): usually a wrong --config or tracking URI.
+    print(list_models(_config(args), name=args.name, missing_ok=False))
     return 0
 
 

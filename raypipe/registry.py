@@ -652,14 +652,17 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def list_models(cfg: Any, name: str | None = None) -> str:
-    """A table of registered versions: aliases, gate metrics, promotion decision, source run."""
+def list_models(cfg: Any, name: str | None = None, missing_ok: bool = True) -> str:
+    """A table of registered versions: aliases, gate metrics, promotion decision, source run.
+
+    A missing store is a friendly note, or with ``missing_ok=False`` (the CLI) a RegistryError.
+    """
     from mlflow.exceptions import MlflowException
 
     from raypipe.tracking import redact_uri
 
     uri = cfg.resolved_tracking_uri
-    if _store_missing(uri):
+    if _store_missing(uri) and missing_ok:
         return (
             f"No registered models: there is no MLflow store at {_sqlite_file(uri)} yet.\n"
             "Register a checkpoint with `raypipe register <checkpoint dir> --config <config>`."
