@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raypipe.config import RaypipeConfig, config_from_dict, set_path
-from raypipe.errors import ConfigError, RaypipeError
+from raypipe.errors import ConfigError, RaypipeError, TrainingError
 from raypipe.tracking import redact_uri
 
 SWEEP_FILE = "raypipe_sweep.json"
@@ -193,6 +193,11 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, forc
     """Run (or resume) the sweep described by ``cfg.tune``; evaluate, register, promote the best."""
     if not cfg.tune.search_space:
         raise ConfigError("tune.search_space is empty: give at least one key, e.g. train.lr: {loguniform: [1e-5, 1e-3]}")
+    if cfg.scaling.num_workers == 0:
+        raise ConfigError(
+            "scaling.num_workers: a sweep needs at least 1 worker per trial (Ray Train's local mode "
+            "cannot run inside a Tune trial); use 1 with a fractional scaling.cpus_per_worker"
+        )
     if cfg.tune.search_alg == "grid" and any("grid" not in s for s in cfg.tune.search_space.values()):
         raise ConfigError("tune.search_alg: grid needs every search_space entry to be {grid: [...]}")
     if cfg.tune.search_alg == "optuna" and any("grid" in s for s in cfg.tune.search_space.values()):
@@ -277,6 +282,12 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, forc
                 os.environ[k] = v
     result = _collect(cfg, grid, sweep_name, str(sweep_path), parent_run_id)
     _finish_parent_run(cfg, client, result)
+    if result.best_checkpoint is None:
+        errors = [t["error"] for t in result.trials if t["error"]]
+        raise TrainingError(
+            f"no trial of sweep {sweep_name} produced a checkpoint"
+            + (f"; first error: {errors[0][:2000]}" if errors else "")
+        )
     if register and result.best_checkpoint:
         _evaluate_and_register(cfg, result, splits.fingerprint, force=force)
     return result

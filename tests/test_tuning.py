@@ -130,3 +130,27 @@ def test_resume_after_the_sweep_driver_is_killed_skips_finished_trials(ray_local
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
         assert sorted(steps) == [1, 2]
+
+
+
+def test_a_sweep_refuses_local_mode_before_any_ray_work(tiny_config):
+    from raypipe.errors import ConfigError
+    from raypipe.tuning import run
+
+    tree = tiny_config.model_dump(mode="json")
+    tree["scaling"]["num_workers"] = 0
+    tree["tune"] = {"search_space": SPACE}
+    with pytest.raises(ConfigError, match="scaling.num_workers: a sweep needs at least 1 worker"):
+        run(config_from_dict(tree))
+
+
+def test_optuna_search_alg_is_a_real_optuna_searcher(tiny_config):
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raypipe.tuning import _search_alg
+
+    tree = tiny_config.model_dump(mode="json")
+    tree["tune"] = {"search_space": SPACE, "search_alg": "optuna"}
+    searcher = _search_alg(config_from_dict(tree), "val_macro_f1", "max")
+    assert isinstance(searcher, OptunaSearch)
+    assert searcher.metric == "val_macro_f1" and searcher.mode == "max"
