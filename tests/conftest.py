@@ -25,6 +25,20 @@ CLASSES = {
 FILLER = "the a of and to in is was for on with at by from it this that said new year".split()
 
 
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_env():
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; never let one test's store become
+    the next test's default (subprocesses such as the notebook kernel inherit the environment)."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def make_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """Texts a model can learn: filler words plus a few keywords of their class."""
     rng = random.Random(seed)

@@ -58,6 +58,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, tiny_model_dir, toy_cs
         "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "use_gpu": False},
         "tune": {"search_space": {"train.lr": {"choice": [3e-3, 6e-3]}}, "scheduler": {"type": "fifo"}},
         "registry": {"model_name": "nb-tiny"},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"},
     }))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     _parameters_cell(nb).source = "\n".join([

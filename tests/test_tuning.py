@@ -95,7 +95,9 @@ def test_resume_after_the_sweep_driver_is_killed_skips_finished_trials(ray_local
         "scheduler": {"type": "fifo"},
         "max_concurrent_trials": 1,
     }
-    tree["ray"] = {"num_cpus": 2, "include_dashboard": False}
+    # Its own new Ray ("local"), never a cluster some other process left registered in /tmp/ray.
+    tree["ray"] = {"address": "local", "num_cpus": 2, "include_dashboard": False}
+    tree["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"}
     cfg = config_from_dict(tree)
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump(tree))
@@ -103,14 +105,17 @@ def test_resume_after_the_sweep_driver_is_killed_skips_finished_trials(ray_local
 
     # The sweep driver runs in its own session so that killing it takes its own Ray along.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    log = (tmp_path / "sweep.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "raypipe.cli", "tune", str(cfg_file)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not _finished_trials(sweep_root):
-            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            assert proc.poll() is None, "the sweep ended before it could be interrupted:\n" + (
+                tmp_path / "sweep.log"
+            ).read_text()[-3000:]
             time.sleep(1)
         finished = _finished_trials(sweep_root)
         assert finished, "no trial finished within 300 s"
