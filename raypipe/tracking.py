@@ -31,31 +31,32 @@ def redact_uri(uri: str) -> str:
     return uri
 
 
+def _redacted(key: str, value: Any) -> Any:
+    """One config value as others may see it: secret-looking keys masked, URI passwords dropped."""
+    if value is not None and SECRET_KEY.search(key) and not key.endswith("_env"):
+        return REDACTED
+    if isinstance(value, str) and "://" in value:
+        return redact_uri(value)
+    return value
+
+
 def safe_params(flat: dict[str, Any]) -> dict[str, str]:
     """Flattened config -> MLflow params with secrets removed and values as short strings."""
     out: dict[str, str] = {}
     for key, value in flat.items():
-        if SECRET_KEY.search(key.rsplit(".", 1)[-1]) and not key.endswith("_env"):
-            value = REDACTED
-        elif isinstance(value, str) and "://" in value:
-            value = redact_uri(value)
-        text = str(value)
+        text = str(_redacted(key.rsplit(".", 1)[-1], value))
         out[key] = text if len(text) <= 6000 else text[:5997] + "..."
     return out
 
 
 def redact_config(tree: Any, key: str = "") -> Any:
-    """A nested config (``cfg.model_dump(mode="json")``) with :func:`safe_params`' rules applied,
+    """A nested config (``cfg.model_dump(mode="json")``) with the same rules as :func:`safe_params`,
     for files others read: the run's config.yaml artifact and the checkpoint's raypipe.json."""
     if isinstance(tree, dict):
         return {k: redact_config(v, str(k)) for k, v in tree.items()}
     if isinstance(tree, list):
         return [redact_config(v, key) for v in tree]
-    if tree is not None and SECRET_KEY.search(key) and not key.endswith("_env"):
-        return REDACTED
-    if isinstance(tree, str) and "://" in tree:
-        return redact_uri(tree)
-    return tree
+    return _redacted(key, tree)
 
 
 def configure(cfg: Any) -> tuple[Any, str]:
