@@ -159,7 +159,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=tc.lr,
-        fused=device.type == "cuda",
+        # Fused on CPU too (torch >= 2.4): on MiniLM (2 cores, batch 32 x 16 tokens) the unfused
+        # step takes ~137 ms, the fused one ~19 ms, ~20% of a whole training step (BENCHMARKS.md).
+        fused=device.type in ("cuda", "cpu"),
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
     amp, needs_scaler = resolve_precision(tc.precision, device)
