@@ -81,7 +81,10 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, tiny_model_dir, toy_cs
     assert "served by" in text and text.rstrip().endswith(f"raypipe ui --config {config}")
 
     # What the notebook did is in the MLflow store: train, evaluate, sweep runs and a champion.
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    # registry_uri too: without it MlflowClient uses this process's global registry URI, which an
+    # earlier test may have pointed at its own store.
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     runs = client.search_runs([client.get_experiment_by_name("raypipe").experiment_id])
     stages = {r.data.tags.get("raypipe.stage") for r in runs}
     assert {"train", "evaluate", "trial"} <= stages
