@@ -243,8 +243,14 @@ def bench_env(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def ray_session(num_cpus: int = 2, dashboard: bool = False):
-    """A private local Ray (never a cluster someone else started on this host)."""
+def ray_session(num_cpus: int = 2, dashboard: bool = True):
+    """A private local Ray (never a cluster someone else started on this host).
+
+    With its dashboard, as raypipe's default: Ray Train's placement-group cleaner asks the State
+    API (hosted by the dashboard) whether the run's controller is alive. Without one, on a host
+    where other Ray instances run, it was seen to remove a live 2-worker run's placement group
+    and kill the run.
+    """
     import ray
 
     if ray.is_initialized():

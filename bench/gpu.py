@@ -95,7 +95,7 @@ def part_throughput(s: dict[str, Any], work: Path, device: str, tokenizer: str |
             if compile_ and not s["compile"]:
                 continue
             vals = []
-            for _ in range(s["repeats"]):
+            for _ in range(1 if compile_ else s["repeats"]):  # compiling costs ~a minute per run
                 r = plain_train(str(mdir), rows, num_labels=2, batch_size=s["batch_size"], epochs=2, lr=5e-5,
                                 device=device, amp=s["amp"], compile=compile_)
                 vals.append(r["epochs"][-1]["samples_per_s"])

@@ -34,7 +34,6 @@ def run_trainer(
     group_by_length: bool = False,
     compile: bool = False,
 ) -> dict[str, Any]:
-    import datasets
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -45,13 +44,14 @@ def run_trainer(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-    def encode(texts: list[str], labels: list[int]) -> Any:
-        ds = datasets.Dataset.from_dict({"text": texts, "label": labels})
-        return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
-                      batched=True, remove_columns=["text"])
+    def encode(texts: list[str], labels: list[int]) -> list[dict[str, Any]]:
+        # A plain list of feature dicts is a valid torch Dataset for the Trainer (no `datasets`
+        # needed, which the GPU image lacks); the collator pads each batch to its longest row.
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+        keys = list(enc.keys())
+        return [{**{k: enc[k][i] for k in keys}, "labels": int(y)} for i, y in enumerate(labels)]
 
     train_ds, eval_ds = encode(train_texts, train_labels), encode(eval_texts, eval_labels)
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -40,15 +40,16 @@ def render_train(r: dict[str, Any]) -> list[str]:
     s = r["settings"]
     out = header(r) + [
         f"Model {s['model']}, {s['rows']} rows × {s['max_length']} tokens (every row full), batch {s['batch_size']}, "
-        f"fp32, {s['epochs']} epochs per run (last epoch = steady state), {s['repeats']} alternating repeats.", "",
+        f"fp32, {s['epochs']} epochs per run, {s['repeats']} alternating repeats.", "",
         "| side | samples/s, median [min–max] |", "|---|---|",
     ]
     for k, v in r["samples_per_s"].items():
         out.append(f"| {k} | {C.fmt_num(v)} |")
-    out += ["", "| comparison | ratio, median [min–max] | target | |", "|---|---|---|---|"]
+    out += ["", "| comparison | epoch | ratio, median [min–max] | target | |", "|---|---|---|---|---|"]
     for row in r["rows"]:
         tgt = f"≥ {row['target']}×" if row.get("target") else "—"
-        out.append(f"| {row['side']} / {row['baseline']} | {C.fmt_ratio(row['ratio'])} | {tgt} | {_yes(row['met'])} |")
+        ep = {"last": f"{s['epochs']} (last)", "1": "1 (before any report)"}.get(row.get("epoch", "last"), row.get("epoch"))
+        out.append(f"| {row['side']} / {row['baseline']} | {ep} | {C.fmt_ratio(row['ratio'])} | {tgt} | {_yes(row['met'])} |")
     return out
 
 
@@ -90,35 +91,44 @@ def render_data(r: dict[str, Any]) -> list[str]:
 def render_serve(r: dict[str, Any]) -> list[str]:
     s = r["settings"]
     names = s["servers"]
-    fw = r["forward_in_process"]
     out = header(r) + [
-        f"Checkpoint: {s['model']} (untrained, built with raypipe.model.build + save_checkpoint), max_length "
-        f"{s['max_length']}; one SST-2 dev sentence per request; {s['duration']} s per measurement after "
-        f"{s['warmup']} s warm-up, ≤ {s['max_requests']} requests; {s['repeats']} rotating repeats.",
-        "Model forward, one sentence, in-process: " + ", ".join(
-            f"{k.replace('_ms', '').replace('_', ' ')}: {C.fmt_num(v, 2)} ms" for k, v in fw.items()) + "; "
-        f"inside the Serve replica (from /stats at c=1): {C.fmt_num(r['replica_forward_ms'], 2)} ms. "
-        f"Start-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["startup"].items()) + ".", "",
-        "| c | " + " | ".join(f"{n} req/s" for n in names) + " | " + " | ".join(f"{n} p50 / p99 ms" for n in names)
-        + " | " + " | ".join(f"{n} / bare" for n in names if n != "bare") + " |",
-        "|---" * (1 + 2 * len(names) + len(names) - 1) + "|",
+        f"One SST-2 dev sentence per request; {s['duration']} s per measurement after {s['warmup']} s warm-up, "
+        f"≤ {s['max_requests']} requests; {s['repeats']} rotating repeats. Checkpoints are untrained "
+        "(raypipe.model.build + save_checkpoint). Forward = the model's own time per call inside each "
+        "server (/stats at c=1); overhead = p50 − forward.", "",
     ]
-    for row in r["table"]:
-        cells = [str(row["concurrency"])]
-        cells += [C.fmt_num(row[n]["rps"]) for n in names]
-        cells += [f"{row[n]['p50_ms']['median']:.1f} / {row[n]['p99_ms']['median']:.1f}"
-                  + (f" ({row[n]['errors']} err)" if row[n]["errors"] else "") for n in names]
-        cells += [C.fmt_ratio(row[f"{n}_vs_bare"]) for n in names if n != "bare"]
-        out.append("| " + " | ".join(cells) + " |")
-    out += ["", "| target | value | |", "|---|---|---|"]
+    for model, m in r["models"].items():
+        fw = m["server_forward_ms"]
+        out += [
+            f"**{model}** (max_length {m['checkpoint']['max_length']}). Forward per call: "
+            + ", ".join(f"{n} {C.fmt_num(v, 2)} ms" for n, v in fw.items())
+            + "; in-process, one sentence: " + ", ".join(
+                f"{k.replace('_ms', '').replace('_', ' ')} {C.fmt_num(v, 2)} ms" for k, v in m["forward_in_process"].items())
+            + ". Start-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in m["startup"].items()) + ". "
+            + "Mean texts per model call over the run: " + ", ".join(
+                f"{n} {st['mean_batch_size']:.2f} (max {st['max_batch_size_seen']})" for n, st in m["batch_stats"].items())
+            + ".", "",
+            "| c | " + " | ".join(f"{n} req/s" for n in names) + " | "
+            + " | ".join(f"{n} p50 / p99 ms" for n in names) + " | "
+            + " | ".join(f"{n} / bare" for n in names if n != "bare") + " |",
+            "|---" * (1 + 2 * len(names) + len(names) - 1) + "|",
+        ]
+        for row in m["table"]:
+            cells = [str(row["concurrency"])]
+            cells += [C.fmt_num(row[n]["rps"]) for n in names]
+            cells += [f"{row[n]['p50_ms']['median']:.1f} / {row[n]['p99_ms']['median']:.1f}"
+                      + (f" ({row[n]['errors']} err)" if row[n]["errors"] else "") for n in names]
+            cells += [C.fmt_ratio(row[f"{n}_vs_bare"]) for n in names if n != "bare"]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["| target | value | |", "|---|---|---|"]
     for row in r["rows"]:
-        if not row:
-            continue
         if "ratio" in row:
             out.append(f"| {row['what']} ≥ {row['target']}× | {C.fmt_ratio(row['ratio'])} | {_yes(row['met'])} |")
         else:
             tgt = f" ≤ {row['target']} ms" if row.get("target") else ""
-            out.append(f"| {row['what']}{tgt} | {C.fmt_num(row['value'], 1) if row['value'] else 'n/a'} | {_yes(row['met'])} |")
+            val = C.fmt_num(row["value"], 1) + " ms" if row.get("value") and row["value"].get("n") else "n/a"
+            out.append(f"| {row['what']}{tgt} | {val} | {_yes(row['met'])} |")
     return out
 
 
@@ -129,12 +139,14 @@ def render_tune(r: dict[str, Any]) -> list[str]:
         f"as validation, {s['epochs']} epochs per trial, grid lr {s['lrs']} × batch {s['batch_sizes']} "
         f"({len(s['lrs']) * len(s['batch_sizes'])} trials), ASHA grace {s['grace_period']}, reduction factor "
         f"{s['reduction_factor']}; 1 worker × 0.5 CPU per trial. {r.get('note', '')}", "",
-        "| scheduler | trials | trial-epochs | epochs per trial | best val accuracy | trial-epochs to best −0.5 pt | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| sweep | scheduler, rung metric | trials | trial-epochs | epochs per trial | best val accuracy "
+        "| trial-epochs until FIFO's best −0.5 pt | wall s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, sw in r["sweeps"].items():
-        out.append(f"| {name} | {sw['trials']} | {sw['trial_epochs']} | {sw['epochs_per_trial']} | "
-                   f"{sw['best_acc']:.4f} | {sw.get('to_target')} | {sw['wall_s']:.0f} |")
+        metric = sw.get("metric", "") if sw.get("scheduler") == "asha" else "—"
+        out.append(f"| {name} | {sw.get('scheduler', name)}, {metric} | {sw['trials']} | {sw['trial_epochs']} | "
+                   f"{sw['epochs_per_trial']} | {sw['best_acc']:.4f} | {sw.get('to_target') or 'never'} | {sw['wall_s']:.0f} |")
     out += ["", "| comparison | value | target | |", "|---|---|---|---|"]
     for row in r["rows"]:
         tgt = f"≤ {row['target']:.0%}" if row.get("target") else "—"
@@ -178,7 +190,8 @@ def summary(results: dict[str, dict[str, Any]]) -> list[str]:
                 out.append(f"| 1. train {row['side']} vs plain loop | ≥ {row['target']}× | {C.fmt_ratio(row['ratio'])} | {_yes(row['met'])} |")
         for row in t["rows"]:
             if not row.get("target"):
-                out.append(f"| 1. train {row['side']} vs {row['baseline']} | — | {C.fmt_ratio(row['ratio'])} | — |")
+                ep = " (epoch 1)" if row.get("epoch") == "1" else ""
+                out.append(f"| 1. train {row['side']} vs {row['baseline']}{ep} | — | {C.fmt_ratio(row['ratio'])} | — |")
     s = results.get("sst2")
     if s:
         row = s["rows"][0]
@@ -192,7 +205,8 @@ def summary(results: dict[str, dict[str, Any]]) -> list[str]:
     if v:
         for row in v["rows"]:
             if row and row.get("target") is not None:
-                val = C.fmt_ratio(row["ratio"]) if "ratio" in row else (C.fmt_num(row["value"], 1) + " ms" if row["value"] else "n/a")
+                val = C.fmt_ratio(row["ratio"]) if "ratio" in row else (
+                    C.fmt_num(row["value"], 1) + " ms" if row.get("value") and row["value"].get("n") else "n/a")
                 tgt = f"≥ {row['target']}×" if "ratio" in row else f"≤ {row['target']} ms"
                 out.append(f"| 4. {row['what']} | {tgt} | {val} | {_yes(row['met'])} |")
     u = results.get("tune")

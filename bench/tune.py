@@ -11,6 +11,12 @@ validation), same epochs, tiny model. Counted from Tune's per-trial ``result.jso
   "the best accuracy").
 
 Target: ASHA's trial-epochs <= 40% of FIFO's, with its best within 0.5 pt of FIFO's.
+
+ASHA runs twice, once comparing ``val_accuracy`` at its rungs and once ``val_loss``: early in
+training most trials predict the majority class and tie at exactly the same accuracy (a tie is
+never below ASHA's cutoff, so it is never stopped), while the loss ranks trials differently from
+their final accuracy. Accuracy is what is scored either way: "best" and "to-target" read
+``val_accuracy`` from every report.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"model": "tiny", "train_rows": 200, "dev_rows": 64, "epochs": 2, "max_length": 32,
                 "lrs": [3e-4, 3e-3], "batch_sizes": [32], "grace_period": 1, "reduction_factor": 2,
-                "schedulers": ["asha"]}
+                "sweeps": {"asha_loss": ("asha", "val_loss")}}
     return {"model": "tiny", "train_rows": 1000, "dev_rows": None, "epochs": 6, "max_length": 64,
             "lrs": [1e-4, 3e-4, 1e-3, 3e-3], "batch_sizes": [16, 32], "grace_period": 1,
-            "reduction_factor": 2, "schedulers": ["fifo", "asha"]}
+            "reduction_factor": 2,
+            "sweeps": {"fifo": ("fifo", "val_accuracy"), "asha_acc": ("asha", "val_accuracy"),
+                       "asha_loss": ("asha", "val_loss")}}
 
 
 def reports(sweep_path: str) -> list[dict[str, Any]]:
@@ -81,19 +89,19 @@ def run(quick: bool = False, repeats: int | None = None, work: Path | None = Non
         dev_path = work / "dev.tsv"
     sweeps: dict[str, Any] = {}
     with C.ray_session(num_cpus=os.cpu_count() or 2, dashboard=True):
-        for sched in s["schedulers"]:
+        for name, (sched, metric) in s["sweeps"].items():
             cfg = config_from_dict({
-                "workdir": str(work / sched), "name": f"tune-{sched}",
+                "workdir": str(work / name), "name": f"tune-{name}",
                 "data": {"path": str(C.SST2_DIR / "train.tsv"), "text_columns": ["sentence"],
                          "validation_path": str(dev_path), "test_path": str(dev_path),
                          "max_samples": s["train_rows"], "max_length": s["max_length"]},
                 "model": {"name": src},
-                "train": {"epochs": s["epochs"], "warmup_ratio": 0.0, "metric": "val_accuracy",
+                "train": {"epochs": s["epochs"], "warmup_ratio": 0.0, "metric": metric,
                           "keep_checkpoints": 1, "precision": "fp32"},
                 "scaling": {"num_workers": 1, "cpus_per_worker": 0.5, "use_gpu": False},
                 "tracking": {"log_checkpoint": False},
                 "tune": {"search_space": {"train.lr": {"grid": s["lrs"]}, "train.batch_size": {"grid": s["batch_sizes"]}},
-                         "search_alg": "grid", "metric": "val_accuracy", "name": f"sweep-{sched}",
+                         "search_alg": "grid", "metric": metric, "name": f"sweep-{name}",
                          "scheduler": {"type": sched, "grace_period": s["grace_period"],
                                        "reduction_factor": s["reduction_factor"]}},
             })
@@ -101,29 +109,32 @@ def run(quick: bool = False, repeats: int | None = None, work: Path | None = Non
             res = tuning.run(cfg, register=False)
             wall = time.perf_counter() - t0
             reps = reports(res.sweep_path)
-            sweeps[sched] = {
-                "wall_s": wall, "trials": len(res.trials), "trial_epochs": len(reps),
+            sweeps[name] = {
+                "scheduler": sched, "metric": metric, "wall_s": wall, "trials": len(res.trials), "trial_epochs": len(reps),
                 "best_acc": max((r["acc"] for r in reps), default=None),
                 "epochs_per_trial": sorted(t["epochs"] for t in res.trials),
                 "reports": reps,
             }
-            C.log(f"tune {sched}: {len(res.trials)} trials, {len(reps)} trial-epochs, "
-                  f"best {sweeps[sched]['best_acc']}, {wall:.0f}s")
-    ref = sweeps.get("fifo", sweeps[s["schedulers"][0]])
+            C.log(f"tune {name}: {len(res.trials)} trials, {len(reps)} trial-epochs, "
+                  f"best {sweeps[name]['best_acc']}, {wall:.0f}s")
+    return result(s, sweeps, quick)
+
+
+def result(s: dict[str, Any], sweeps: dict[str, Any], quick: bool) -> dict[str, Any]:
+    ref = sweeps.get("fifo", next(iter(sweeps.values())))
     target_acc = ref["best_acc"] - TOL
     for sw in sweeps.values():
         sw["to_target"] = to_target(sw["reports"], target_acc)
     rows = []
-    if "fifo" in sweeps and "asha" in sweeps:
-        a, f = sweeps["asha"], sweeps["fifo"]
+    f = sweeps.get("fifo")
+    for name, a in sweeps.items():
+        if f is None or a["scheduler"] != "asha":
+            continue
         frac = a["trial_epochs"] / f["trial_epochs"]
         within = a["best_acc"] >= f["best_acc"] - TOL
-        rows.append({"what": "ASHA / FIFO trial-epochs (whole sweep)", "value": frac, "target": TARGET,
-                     "met": frac <= TARGET and within, "asha_best": a["best_acc"], "fifo_best": f["best_acc"],
-                     "asha_within_tol": within})
-        if a["to_target"] and f["to_target"]:
-            rows.append({"what": "ASHA / FIFO trial-epochs until best -0.5 pt first reached",
-                         "value": a["to_target"] / f["to_target"], "target": None, "met": None})
+        rows.append({"what": f"{name} (ASHA on {a['metric']}) / FIFO trial-epochs, best within 0.5 pt",
+                     "value": frac, "target": TARGET, "met": frac <= TARGET and within,
+                     "asha_best": a["best_acc"], "fifo_best": f["best_acc"], "asha_within_tol": within})
     return {
         "name": "tune",
         "title": "5. Tuning efficiency: ASHA vs FIFO",

@@ -141,7 +141,7 @@ def test_tune_quick(ray_local, tmp_path):
     from bench import tune
 
     res = tune.run(quick=True, work=tmp_path)
-    asha = res["sweeps"]["asha"]
+    asha = res["sweeps"]["asha_loss"]
     assert asha["trials"] == 2 and 2 <= asha["trial_epochs"] <= 4
     assert 0.0 <= asha["best_acc"] <= 1.0
 
@@ -152,7 +152,11 @@ def test_serve_quick(ray_local, tmp_path):
     from bench import serve
 
     res = serve.run(quick=True, work=tmp_path)
-    for row in res["table"]:
+    m = res["models"]["tiny"]
+    for row in m["table"]:
         for name in res["settings"]["servers"]:
             assert row[name]["errors"] == 0 and _finite(row[name]["rps"]["median"])
-    assert _finite(res["replica_forward_ms"]["median"])
+    assert _finite(m["server_forward_ms"]["serve_batched"]["median"])
+    from bench import report
+
+    assert any("p50 / p99" in line for line in report.render_serve({**res, "wall_s": 1}))
