@@ -12,8 +12,8 @@ worker group from the epoch-1 checkpoint and finish, into the same MLflow run.
 
 The same run, same seed, without the kill is the baseline for the final accuracy.
 
-Slow tier: the kill landing right after a report (before the controller has seen it), and a kill
-with ``max_failures=0`` (the run must end FAILED with the error and keep its best checkpoint).
+A kill with ``max_failures=0`` must end the run FAILED with the error and keep its best
+checkpoint. Slow tier: the kill landing right after a report (before the controller has seen it).
 """
 
 from __future__ import annotations
@@ -254,7 +254,6 @@ def test_sigkill_right_after_a_report_restarts_from_what_the_controller_knew(ray
     }))
 
 
-@pytest.mark.slow
 def test_sigkill_with_no_retries_left_ends_the_mlflow_run_failed_and_keeps_the_best_checkpoint(
     ray_local, tiny_config, tmp_path
 ):
