@@ -4,6 +4,7 @@ Readers return a pandas DataFrame with exactly two columns, ``text`` and ``label
 raise :class:`~raypipe.errors.DataError` naming the file and row of the first bad example (and how
 many more there are). Undecodable bytes follow ``data.encoding_errors``: ``replace`` (default)
 substitutes U+FFFD and reports how many files or rows were affected; ``strict`` fails naming them.
+The same goes for JSON escapes of lone surrogates (``"\\ud800"``), which no tokenizer can take.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib.util
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,25 +141,53 @@ def _read_json(path: str, fmt: str, cfg: Any) -> Any:
     rows: list[Any]
     if fmt == "jsonl":
         rows = []
-        for n, line in enumerate(raw.splitlines(), 1):
+        # JSON Lines are separated by \n only: str.splitlines() would also split inside strings
+        # that hold a raw U+2028, U+2029 or U+0085 (valid JSON, written by ensure_ascii=False).
+        for n, line in enumerate(raw.split("\n"), 1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}: line {n} is nested too deeply to be a row") from None
     else:
         try:
             doc = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply; expected a list of objects") from None
         rows = doc if isinstance(doc, list) else doc.get("data") if isinstance(doc, dict) else None
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a list of objects (or {{\"data\": [...]}})")
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {n} is {type(row).__name__}, expected an object")
+    rows = [_no_lone_surrogates(row, path, n, cfg) for n, row in enumerate(rows, 1)]
     return pd.DataFrame.from_records(rows)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_lone_surrogates(row: dict[str, Any], path: str, n: int, cfg: Any) -> dict[str, Any]:
+    """A JSON escape such as ``"\\ud800"`` decodes to a lone surrogate: not text a tokenizer (or
+    UTF-8) can take. ``replace`` substitutes U+FFFD like for undecodable bytes; ``strict`` fails."""
+    if not any(isinstance(s, str) and _SURROGATE.search(s) for kv in row.items() for s in kv):
+        return row
+    if cfg.encoding_errors == "strict":
+        key = next(k for k, v in row.items() if any(isinstance(s, str) and _SURROGATE.search(s) for s in (k, v)))
+        raise DataError(
+            f"{path}: row {n}: field {key!a} holds an unpaired surrogate escape (e.g. \\ud800), which "
+            "is not valid Unicode (fix the file or set data.encoding_errors: replace)"
+        )
+
+    def fix(s: Any) -> Any:
+        return _SURROGATE.sub("\ufffd", s) if isinstance(s, str) else s
+
+    return {fix(k): fix(v) for k, v in row.items()}
 
 
 def _read_parquet(path: str, fmt: str, cfg: Any) -> Any:
@@ -180,6 +210,14 @@ def _read_folder(path: str, fmt: str, cfg: Any) -> Any:
     labels: list[str] = []
     replaced: list[str] = []
     for d in class_dirs:
+        try:
+            d.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                f"{root}: folder name {d.name!a} is not valid UTF-8; rename it (the folder name is the class label)"
+            ) from None
+        if not d.name.strip():
+            raise DataError(f"{root}: folder name {d.name!r} is blank; rename it (the folder name is the class label)")
         for f in sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")):
             data = f.read_bytes()
             try:
@@ -284,7 +322,9 @@ def _row_error(path: str, rows: list[int], what: str) -> DataError:
 
 def sort_labels(labels: set[str]) -> list[str]:
     """Integer-like labels in numeric order, others alphabetically."""
-    if all(lbl.lstrip("-").isdigit() for lbl in labels):
+    # ASCII digits only: str.isdigit() is also true for "²", which int() refuses, and "--1"
+    # passes lstrip("-").isdigit() too.
+    if all(re.fullmatch("-?[0-9]+", lbl) for lbl in labels):
         return sorted(labels, key=int)
     return sorted(labels)
 
@@ -353,7 +393,10 @@ def load_splits(cfg: Any) -> Splits:
             rows = [i for i, v in enumerate(frame["label"]) if v in unseen]
             raise _row_error(where or cfg.path, rows, f"{name} label {unseen[0]!r} never occurs in the training data")
     if len(val) == 0:
-        raise DataError("validation split is empty: raise data.val_fraction or give data.validation_path")
+        raise DataError(
+            f"{cfg.path}: the validation split is empty ({len(train)} training row(s) in "
+            f"{len(labels)} class(es)): raise data.val_fraction, add rows, or give data.validation_path"
+        )
     splits = Splits(
         train=train,
         val=val,
