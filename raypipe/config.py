@@ -111,7 +111,12 @@ class TrainConfig(_Section):
 class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=0, description="0 runs the loop in-process (local mode).")
     use_gpu: Literal["auto", True, False] = "auto"
-    cpus_per_worker: float = Field(1.0, gt=0.0)
+    cpus_per_worker: float | Literal["auto"] = Field(
+        "auto",
+        description="CPUs reserved per worker; also torch's thread count. auto: whole CPUs, as many "
+        "as let the workers fit the cluster's nodes (a lone worker gets a whole node; in a sweep the "
+        "trials that run at once share them).",
+    )
     gpus_per_worker: float = Field(1.0, gt=0.0)
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts; -1 retries forever.")
     wait_for_resources: bool = Field(
@@ -119,6 +124,13 @@ class ScalingConfig(_Section):
         description="On autoscaling clusters: wait for nodes to join instead of failing fast when "
         "the workers (or a GPU) do not fit the cluster as it is now.",
     )
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _positive_cpus(cls, v: Any) -> Any:
+        if v != "auto" and v <= 0:
+            raise ValueError("must be auto or a number of CPUs > 0")
+        return v
 
     @field_validator("use_gpu", mode="before")
     @classmethod

@@ -114,7 +114,19 @@ def _improved(value: float, best: float | None, mode: str, min_delta: float) -> 
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def _threads_for_reservation() -> None:
+    """torch threads = the worker's CPU reservation, rounded. (Ray sets ``floor(cpus)``, which
+    would give a sweep's worker at 2 - 0.01 CPU, the trial driver holding 0.01, one thread.)"""
+    ctx = ray.get_runtime_context()
+    if ctx.worker.mode != ray.WORKER_MODE:  # local mode: the loop runs in the driver
+        return
+    cpus = ctx.get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, round(cpus)))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    _threads_for_reservation()
     cfg: RaypipeConfig = config_from_dict(config["cfg"])
     labels: list[str] = config["labels"]
     tc = cfg.train

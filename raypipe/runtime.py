@@ -69,8 +69,34 @@ def resolve_use_gpu(cfg: Any) -> bool:
     return bool(want)
 
 
+def auto_cpus_per_worker(workers: int, node_cpus: list[float], overhead: float = 0.0) -> float:
+    """The most whole CPUs per worker with which ``workers`` workers still fit onto nodes with
+    ``node_cpus`` CPUs (a worker cannot span nodes), at least 1; less ``overhead`` when something
+    else takes that much beside each worker (a sweep's trial driver). The worker loop gives torch
+    ``round(cpus)`` threads, so 1.99 CPU still means 2 threads."""
+    workers = max(workers, 1)
+    for c in range(int(max(node_cpus, default=1)), 1, -1):
+        if sum(int(n // c) for n in node_cpus) >= workers:
+            return c - overhead
+    return 1.0 - overhead
+
+
+def node_cpus() -> list[float]:
+    import ray
+
+    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def cpus_per_worker(cfg: Any) -> float:
+    """``scaling.cpus_per_worker`` as a number (``auto`` resolved against the running cluster)."""
+    v = cfg.scaling.cpus_per_worker
+    if v != "auto":
+        return float(v)
+    return auto_cpus_per_worker(max(cfg.scaling.num_workers, 1), node_cpus())
+
+
 def worker_resources(cfg: Any, use_gpu: bool) -> dict[str, float]:
-    res = {"CPU": cfg.scaling.cpus_per_worker}
+    res = {"CPU": cpus_per_worker(cfg)}
     if use_gpu:
         res["GPU"] = cfg.scaling.gpus_per_worker
     return res
@@ -84,10 +110,11 @@ def check_fits(cfg: Any, use_gpu: bool, extra_cpu: float = 0.0) -> None:
     if cfg.scaling.wait_for_resources:
         return
     total = ray.cluster_resources()
-    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + extra_cpu
+    per_worker = cpus_per_worker(cfg)
+    need_cpu = cfg.scaling.num_workers * per_worker + extra_cpu
     if need_cpu > total.get("CPU", 0):
         raise ConfigError(
-            f"scaling: {cfg.scaling.num_workers} worker(s) x {cfg.scaling.cpus_per_worker} CPU"
+            f"scaling: {cfg.scaling.num_workers} worker(s) x {per_worker:g} CPU"
             f"{f' + {extra_cpu} for the trial driver' if extra_cpu else ''} = {need_cpu:g} CPU, but the "
             f"cluster has {total.get('CPU', 0):g}; lower scaling.cpus_per_worker or num_workers"
         )

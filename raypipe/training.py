@@ -147,12 +147,16 @@ def run(
         print(f"[raypipe] data: {note}")
     print(f"[raypipe] data: {splits.summary()}")
 
-    from raypipe.runtime import check_fits, ensure_ray, resolve_use_gpu
+    from raypipe.runtime import check_fits, cpus_per_worker, ensure_ray, resolve_use_gpu
 
     ensure_ray(cfg)
     use_gpu = resolve_use_gpu(cfg)
     if cfg.scaling.num_workers > 0:
         check_fits(cfg, use_gpu)
+        if track:  # (a sweep's trials stay quiet: the sweep says how it is laid out)
+            auto = " (auto)" if cfg.scaling.cpus_per_worker == "auto" else ""
+            print(f"[raypipe] scaling: {cfg.scaling.num_workers} worker(s) x {cpus_per_worker(cfg):g} CPU{auto}"
+                  + (f" + {cfg.scaling.gpus_per_worker:g} GPU" if use_gpu else ""))
     run_name = run_name or make_run_name(cfg)
     datasets = datasets or prepare_datasets(cfg, splits)
     callbacks = list(callbacks or [])

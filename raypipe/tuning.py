@@ -154,6 +154,21 @@ def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str) -> Any
     )
 
 
+def _concrete_cpus(cfg: RaypipeConfig) -> RaypipeConfig:
+    """``cpus_per_worker: auto`` in a sweep: the trials that can run at once share the nodes."""
+    if cfg.scaling.cpus_per_worker != "auto":
+        return cfg
+    from raypipe.runtime import auto_cpus_per_worker, node_cpus
+
+    trials = cfg.tune.num_samples * max(1, _grid_size(cfg))
+    if cfg.tune.max_concurrent_trials:
+        trials = min(trials, cfg.tune.max_concurrent_trials)
+    workers = trials * cfg.scaling.num_workers
+    cpus = auto_cpus_per_worker(workers, node_cpus(), overhead=TRIAL_DRIVER_CPU / cfg.scaling.num_workers)
+    print(f"[raypipe] scaling: {cfg.scaling.num_workers} worker(s) x {cpus:g} CPU per trial (auto)")
+    return cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"cpus_per_worker": cpus})})
+
+
 def _trial_fn(config: dict[str, Any], base: dict[str, Any], sweep_name: str, splits: Any, datasets: Any) -> None:
     """One trial = one training run, reporting each epoch to Tune (so ASHA can stop it)."""
     from ray import tune
@@ -196,7 +211,7 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, forc
     if cfg.scaling.num_workers == 0:
         raise ConfigError(
             "scaling.num_workers: a sweep needs at least 1 worker per trial (Ray Train's local mode "
-            "cannot run inside a Tune trial); use 1 with a fractional scaling.cpus_per_worker"
+            "cannot run inside a Tune trial); use 1"
         )
     if cfg.tune.search_alg == "grid" and any("grid" not in s for s in cfg.tune.search_space.values()):
         raise ConfigError("tune.search_alg: grid needs every search_space entry to be {grid: [...]}")
@@ -236,6 +251,7 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, forc
             "[raypipe] warning: the Ray dashboard is off, so the State API is missing; Ray Train "
             "needs it to free the workers of trials that ASHA stops early (set ray.include_dashboard: true)"
         )
+    cfg = _concrete_cpus(cfg)
     n, why = concurrency(cfg, ray.cluster_resources(), use_gpu)
     print(f"[raypipe] running up to {n} trial(s) at once ({why})")
     shared_data = not any(p.startswith(_PER_TRIAL_DATA_KEYS) for p in cfg.tune.search_space)

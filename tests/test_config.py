@@ -397,3 +397,29 @@ def test_overrides_only_raise_config_error(overrides):
         assert err.problems
     else:
         assert isinstance(cfg, RaypipeConfig)
+
+
+def test_auto_cpus_per_worker_packs_whole_cpus_onto_nodes():
+    from raypipe.runtime import auto_cpus_per_worker as auto
+
+    assert auto(1, [2.0]) == 2.0  # a lone worker takes the whole node
+    assert auto(2, [2.0]) == 1.0 and auto(3, [2.0]) == 1.0  # never below 1 (check_fits then says no)
+    assert auto(2, [8.0, 2.0]) == 4.0  # 5 each would fit the total (10) but not the small node
+    assert auto(4, [16.0, 16.0]) == 8.0
+    assert auto(2, [2.0], overhead=0.01) == 0.99  # a sweep: two trials of 1 worker + a 0.01 driver
+    assert auto(1, [8.0], overhead=0.01) == 7.99
+
+
+def test_a_sweep_resolves_auto_cpus_so_its_trials_share_the_nodes(monkeypatch):
+    import raypipe.runtime
+    from raypipe.tuning import _concrete_cpus, concurrency
+
+    monkeypatch.setattr(raypipe.runtime, "node_cpus", lambda: [2.0])
+    cfg = config_from_dict({"scaling": {"num_workers": 1},
+                            "tune": {"num_samples": 2, "search_space": {"train.lr": {"choice": [1e-4, 2e-4]}}}})
+    concrete = _concrete_cpus(cfg)
+    assert concrete.scaling.cpus_per_worker == 0.99
+    assert concurrency(concrete, {"CPU": 2.0}, False)[0] == 2  # both trials run at once on 2 cores
+    one = config_from_dict({**cfg.model_dump(mode="json"), "tune": {**cfg.tune.model_dump(mode="json"),
+                                                                    "num_samples": 1}})
+    assert _concrete_cpus(one).scaling.cpus_per_worker == 1.99  # a lone trial gets both cores

@@ -173,3 +173,36 @@ def test_cli_train_prints_summary(ray_local, tiny_config, tmp_path, capsys):
     assert main(["train", str(path), "scaling.num_workers=0", "train.epochs=1"]) == 0
     out = capsys.readouterr().out
     assert "best val_macro_f1:" in out and "MLflow run id:" in out and "raypipe ui" in out
+
+
+def _threads_probe(out_file: str):
+    """The real loop; afterwards the worker writes its CPU reservation and torch's thread count."""
+
+    def loop(config):
+        import json
+
+        import ray
+        import torch
+
+        from raypipe.loop import train_loop_per_worker
+
+        train_loop_per_worker(config)
+        with open(out_file, "w") as f:
+            json.dump({"cpus": ray.get_runtime_context().get_assigned_resources().get("CPU"),
+                       "threads": torch.get_num_threads()}, f)
+
+    return loop
+
+
+def test_auto_cpus_give_a_lone_worker_every_core_and_as_many_torch_threads(ray_local, tiny_config, tmp_path, capfd):
+    import json
+
+    from raypipe.training import run
+
+    cfg = _cfg(tiny_config, scaling__num_workers=1, scaling__cpus_per_worker="auto", train__epochs=1)
+    assert cfg.scaling.cpus_per_worker == "auto"
+    out = tmp_path / "threads.json"
+    run(cfg, train_loop=_threads_probe(str(out)))
+    seen = json.loads(out.read_text())
+    assert seen == {"cpus": 2.0, "threads": 2}, seen  # the session's Ray has 2 CPUs on one node
+    assert "1 worker(s) x 2 CPU (auto)" in capfd.readouterr().out
