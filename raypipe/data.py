@@ -443,14 +443,30 @@ class Tokenize:
         }
 
 
-def to_ray_dataset(frame: Any, splits: Splits, tokenizer_source: str, max_length: int) -> Any:
+# Up to this many token cells (rows x max_length; ~400 MB of int32 ids + mask) the driver
+# tokenises; beyond it the cluster does (Ray Data map_batches).
+IN_DRIVER_MAX_CELLS = 50_000_000
+BLOCK_ROWS = 1024
+
+
+def to_ray_dataset(frame: Any, splits: Splits, tokenizer_source: str, max_length: int, *,
+                   in_driver: bool | None = None) -> Any:
     """A materialised Ray Dataset of tokenised rows (materialised: lazy input deadlocks 2 workers
-    on 2 CPUs, and the rows are small)."""
+    on 2 CPUs, and the rows are small).
+
+    ``in_driver`` (default: when the rows fit ``IN_DRIVER_MAX_CELLS``): the driver, which holds
+    the frame already, tokenises and hands Ray Data finished blocks. That skips the fixed ~3-4 s
+    of starting a tokenising actor (BENCHMARKS.md, row 3), and the blocks belong to the driver, so
+    losing a worker node loses none of them. Larger inputs are tokenised on the cluster.
+    """
     import ray.data
 
     frame = frame.assign(label_id=splits.label_ids(frame))[["text", "label_id"]]
-    ds = ray.data.from_pandas(frame)
-    return ds.map_batches(
+    if in_driver is None:
+        in_driver = len(frame) * max_length <= IN_DRIVER_MAX_CELLS
+    if in_driver:
+        return ray.data.from_arrow(_tokenised_blocks(frame, tokenizer_source, max_length))
+    return ray.data.from_pandas(frame).map_batches(
         Tokenize,
         fn_constructor_kwargs={"tokenizer_source": tokenizer_source, "max_length": max_length},
         batch_size=256,
@@ -458,3 +474,23 @@ def to_ray_dataset(frame: Any, splits: Splits, tokenizer_source: str, max_length
         concurrency=1,
         num_cpus=0.5,
     ).materialize()
+
+
+def _tokenised_blocks(frame: Any, tokenizer_source: str, max_length: int) -> list[Any]:
+    """Arrow tables of ``BLOCK_ROWS`` tokenised rows, in the layout ``Tokenize`` gives Ray Data."""
+    import numpy as np
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    def table(cols: dict[str, Any]) -> Any:
+        return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else v for k, v in cols.items()})
+
+    if len(frame) == 0:
+        width = np.zeros((0, max_length), dtype=np.int32)
+        return [table({"input_ids": width, "attention_mask": width, "length": np.zeros(0, np.int32),
+                       "labels": np.zeros(0, np.int64)})]
+    tok = Tokenize(tokenizer_source, max_length)
+    return [
+        table(tok({"text": part["text"].to_numpy(), "label_id": part["label_id"].to_numpy()}))
+        for part in (frame.iloc[i : i + BLOCK_ROWS] for i in range(0, len(frame), BLOCK_ROWS))
+    ]

