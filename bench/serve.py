@@ -2,9 +2,13 @@
 FastAPI process running the same Predictor and the same FastAPI app (``raypipe.api``).
 
 Servers, all on 127.0.0.1, all up for the whole benchmark (idle ones cost ~nothing):
-  bare              python -m bench.bare_server CKPT (one process, no Ray, no batching)
-  serve_batched     raypipe.serve.deploy(...)  serve.max_batch_size=32 (default), route /b
-  serve_unbatched   raypipe.serve.deploy(...)  serve.max_batch_size=1, route /u
+  bare                 python -m bench.bare_server CKPT (one process, no Ray, no batching)
+  serve_batched        raypipe.serve.deploy(...)  raypipe's defaults (max_batch_size 32), route /b
+  serve_unbatched      raypipe.serve.deploy(...)  serve.max_batch_size=1, route /u
+  serve_batched_wait0  raypipe.serve.deploy(...)  batch_wait_timeout_s=0 (take what is queued), /w0
+  serve_batched_wait5ms                           batch_wait_timeout_s=0.005, /w5
+  serve_batched_quiet                             serve.access_log=false, /q
+  serve_batched_quiet_wait0                       both, /q0
 Load comes from a separate process (``python -m bench.loadgen``, async httpx), one sentence of
 SST-2 dev per request, ``concurrency`` clients back to back, bounded in time and count. For each
 concurrency the servers take turns (rotating order) in every repeat.
@@ -30,6 +34,15 @@ from bench import common as C
 TARGET_RPS_C32 = 1.0
 TARGET_P50_OVERHEAD_MS = 5.0
 LABELS = ["negative", "positive"]
+# Serve sides: route and the serve.* settings that differ from raypipe's defaults.
+SERVE_SIDES: dict[str, tuple[str, dict[str, Any]]] = {
+    "serve_batched": ("/b", {}),
+    "serve_unbatched": ("/u", {"max_batch_size": 1}),
+    "serve_batched_wait0": ("/w0", {"batch_wait_timeout_s": 0.0}),
+    "serve_batched_wait5ms": ("/w5", {"batch_wait_timeout_s": 0.005}),
+    "serve_batched_quiet": ("/q", {"access_log": False}),
+    "serve_batched_quiet_wait0": ("/q0", {"access_log": False, "batch_wait_timeout_s": 0.0}),
+}
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -38,7 +51,17 @@ def settings(quick: bool) -> dict[str, Any]:
                 "max_requests": 500, "repeats": 1, "servers": ["bare", "serve_batched"]}
     # tiny: the framework's own cost shows (forward ~2 ms); MiniLM at 128 tokens: a real model.
     return {"models": {"tiny": 64, "minilm": 128}, "concurrency": [1, 8, 32], "duration": 3.0, "warmup": 1.0,
-            "max_requests": 4000, "repeats": 2, "servers": ["bare", "serve_batched", "serve_unbatched"]}
+            "max_requests": 4000, "repeats": 2,
+            "servers": ["bare", "serve_batched", "serve_unbatched", *_extra_sides()]}
+
+
+def _extra_sides() -> list[str]:
+    """More Serve sides to compare, e.g. RAYPIPE_BENCH_SERVE_SIDES=serve_batched_wait5ms."""
+    names = [n for n in os.environ.get("RAYPIPE_BENCH_SERVE_SIDES", "").split(",") if n]
+    unknown = set(names) - set(SERVE_SIDES)
+    if unknown:
+        raise SystemExit(f"RAYPIPE_BENCH_SERVE_SIDES: unknown {sorted(unknown)}; known {sorted(SERVE_SIDES)}")
+    return names
 
 
 def _get(url: str) -> Any:
@@ -78,20 +101,25 @@ def run(quick: bool = False, repeats: int | None = None, work: Path | None = Non
     s = settings(quick)
     s["device"] = device
     if device == "cuda":  # one GPU: a second app's replica (1 GPU each) would never be placed
-        s["servers"] = [n for n in s["servers"] if n != "serve_unbatched"]
+        s["servers"] = [n for n in s["servers"] if n in ("bare", "serve_batched")]
     s["repeats"] = repeats or s["repeats"]
     work = work or Path(tempfile.mkdtemp(prefix="raypipe-bench-serve-"))
     texts = work / "texts.txt"
     texts.write_text("\n".join(C.sst2_frame("dev")["text"]) + "\n", encoding="utf-8")
     models = {}
-    with C.ray_session(num_cpus=os.cpu_count() or 2):
+    # One CPU per replica is an accounting figure (it also sets torch to one thread); the sides
+    # take turns under load, so more replicas than cores are placed without competing.
+    serve_sides = sum(1 for n in s["servers"] if n != "bare")
+    with C.ray_session(num_cpus=max(os.cpu_count() or 2, serve_sides)):
         for model, max_length in s["models"].items():
             models[model] = _run_model(model, max_length, s, work, texts, device)
     rows = [{**row, "what": f"{model}: {row['what']}"} for model, m in models.items() for row in m["rows"] if row]
     return {
         "name": "serve",
         "title": "4. Serving: Ray Serve app vs bare uvicorn + FastAPI",
-        "command": "python -m bench serve" + (" --quick" if quick else ""),
+        "command": (f"RAYPIPE_BENCH_SERVE_SIDES={os.environ['RAYPIPE_BENCH_SERVE_SIDES']} "
+                    if os.environ.get("RAYPIPE_BENCH_SERVE_SIDES") else "")
+        + "python -m bench serve" + (" --quick" if quick else ""),
         "settings": s,
         "machine": C.machine(),
         "models": models,
@@ -144,11 +172,12 @@ def _run_model(model: str, max_length: int, s: dict[str, Any], work: Path, texts
             from ray import serve
 
             try:
-                for name, route, mbs in (("serve_batched", "/b", 32), ("serve_unbatched", "/u", 1)):
-                    if name not in s["servers"]:
+                for name in s["servers"]:
+                    if name == "bare":
                         continue
+                    route, opts = SERVE_SIDES[name]
                     cfg = config_from_dict({"workdir": str(work / f"w-{model}"), "serve": {
-                        "port": serve_port, "app_name": name, "route_prefix": route, "max_batch_size": mbs,
+                        "port": serve_port, "app_name": name, "route_prefix": route, **opts,
                         "use_gpu": device == "cuda"}})
                     t0 = time.perf_counter()
                     served = rserve.deploy(cfg, str(ckpt), ready_timeout_s=300)
@@ -221,5 +250,11 @@ def _run_model(model: str, max_length: int, s: dict[str, Any], work: Path, texts
              "target": None, "met": None},
             {"what": "bare p50 overhead at c=1 (ms, p50 - its own forward)", "value": bare_overhead,
              "target": None, "met": None},
+            *[row for name in s["servers"] if name not in ("bare", "serve_batched", "serve_unbatched")
+              for row in (
+                  {"what": f"{name}: rps at c={c32['concurrency']} / bare", "ratio": c32[f"{name}_vs_bare"],
+                   "target": None, "met": None} if c32 else {},
+                  {"what": f"{name}: p50 overhead at c=1 (ms)", "value": over(name), "target": None, "met": None},
+              )],
         ],
     }

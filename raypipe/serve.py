@@ -293,6 +293,7 @@ def deployment_options(s: ServeConfig, spec: ModelSpec) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": 1, "num_gpus": _gpus_per_replica(s.use_gpu)},
         # Redeploys keep the old replicas until the new ones pass their health check.
         "max_surge_percent": 100,
+        "logging_config": {"enable_access_log": s.access_log},
     }
     if s.autoscaling is not None:
         opts["autoscaling_config"] = {
