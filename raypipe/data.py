@@ -446,7 +446,8 @@ class Tokenize:
 # Up to this many token cells (rows x max_length; ~400 MB of int32 ids + mask) the driver
 # tokenises; beyond it the cluster does (Ray Data map_batches).
 IN_DRIVER_MAX_CELLS = 50_000_000
-BLOCK_ROWS = 1024
+BLOCK_ROWS = 4096
+TOKENIZE_ROWS = 256  # per tokenizer call: larger calls measured slower (3.4 s vs 4.4 s on SST-2)
 
 
 def to_ray_dataset(frame: Any, splits: Splits, tokenizer_source: str, max_length: int, *,
@@ -490,7 +491,11 @@ def _tokenised_blocks(frame: Any, tokenizer_source: str, max_length: int) -> lis
         return [table({"input_ids": width, "attention_mask": width, "length": np.zeros(0, np.int32),
                        "labels": np.zeros(0, np.int64)})]
     tok = Tokenize(tokenizer_source, max_length)
-    return [
-        table(tok({"text": part["text"].to_numpy(), "label_id": part["label_id"].to_numpy()}))
-        for part in (frame.iloc[i : i + BLOCK_ROWS] for i in range(0, len(frame), BLOCK_ROWS))
-    ]
+    texts, label_ids = frame["text"].to_numpy(), frame["label_id"].to_numpy()
+    blocks = []
+    for start in range(0, len(frame), BLOCK_ROWS):
+        end = min(start + BLOCK_ROWS, len(frame))
+        cuts = [(i, min(i + TOKENIZE_ROWS, end)) for i in range(start, end, TOKENIZE_ROWS)]
+        parts = [tok({"text": texts[a:b], "label_id": label_ids[a:b]}) for a, b in cuts]
+        blocks.append(table({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}))
+    return blocks

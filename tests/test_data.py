@@ -398,19 +398,22 @@ def test_unknown_packaged_data_set():
 
 
 @pytest.mark.ray
-def test_driver_and_cluster_tokenisation_give_the_same_dataset(ray_local, toy_csv, tiny_model_dir):
+def test_driver_and_cluster_tokenisation_give_the_same_dataset(ray_local, toy_csv, tiny_model_dir, monkeypatch):
     """Small inputs are tokenised in the driver, large ones by Ray Data on the cluster: the
     training loop must not be able to tell which (same columns, types, rows, order)."""
     import numpy as np
 
-    from raypipe.data import BLOCK_ROWS, load_splits, to_ray_dataset
+    import raypipe.data
+    from raypipe.data import load_splits, to_ray_dataset
 
+    # Small blocks and tokenizer calls that do not divide them, so the driver path cuts and joins.
+    monkeypatch.setattr(raypipe.data, "BLOCK_ROWS", 300)
+    monkeypatch.setattr(raypipe.data, "TOKENIZE_ROWS", 128)
     splits = load_splits(DataConfig(path=str(toy_csv), max_length=32))
-    assert len(splits.train) > BLOCK_ROWS // 4
-    frame = pd.concat([splits.train] * 4, ignore_index=True)  # > 1 block in the driver path
+    frame = pd.concat([splits.train] * 4, ignore_index=True)
     driver = to_ray_dataset(frame, splits, str(tiny_model_dir), 32, in_driver=True)
     cluster = to_ray_dataset(frame, splits, str(tiny_model_dir), 32, in_driver=False)
-    assert driver.num_blocks() == -(-len(frame) // BLOCK_ROWS)
+    assert len(frame) > 600 and driver.num_blocks() == -(-len(frame) // 300)
     assert str(driver.schema()) == str(cluster.schema())
     a, b = driver.to_pandas(), cluster.to_pandas()
     assert len(a) == len(b) == len(frame)
