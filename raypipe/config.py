@@ -206,7 +206,10 @@ class ServeConfig(_Section):
     autoscaling: AutoscalingConfig | None = None
     use_gpu: Literal["auto", True, False] = False
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0)
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0.0, description="How long a batch waits to fill. 0: take what queued while the last "
+        "batch ran (5 ms less latency at low load, smaller batches under load)."
+    )
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=-1)
     access_log: bool = Field(
