@@ -601,7 +601,12 @@ def test_reader_properties_summary():
         "seconds": round(seconds, 1),
     }
     print("\nRELIABILITY reader_properties", json.dumps(summary))
+    # Not vacuous: every format was tried with many malformed files, most of them rejected, and every
+    # reader accepted its well-formed files. (Which malformed files happen to be accepted depends on
+    # what hypothesis draws, and that shifts when other hypothesis users ran first in the session,
+    # e.g. schemathesis: seen as 0 accepted Parquet files of 150. So per format that is not asserted.)
+    assert totals["accepted"] > 0, summary
     for fmt in FORMATS:
         c = STATS.get(fmt, Counter())
-        assert c["accepted"] > 0 and sum(c.values()) > c["accepted"], (fmt, dict(c))  # both outcomes reached
+        assert sum(c.values()) >= MAX_EXAMPLES // 2 and sum(c.values()) > c["accepted"], (fmt, dict(c))
         assert STATS["round-trip"][f"accepted:{fmt}"] >= ROUND_TRIP_EXAMPLES // 2, (fmt, summary)
