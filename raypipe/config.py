@@ -268,6 +268,34 @@ class RaypipeConfig(_Section):
             raise ValueError("\n".join(problems))
         return self
 
+    def with_absolute_paths(self) -> RaypipeConfig:
+        """A copy whose local paths no longer depend on the current directory.
+
+        What goes to Ray workers and Tune trials must not be relative: a Tune trial runs in a
+        directory of its own (``RAY_CHDIR_TO_TRIAL_DIR``), a Ray worker wherever Ray started it.
+        Only paths that are local are touched; URIs, ``pypi:`` sources and hub names stay as they
+        are (a relative name that does not exist here is a hub name).
+        """
+
+        def local(p: str | None) -> str | None:
+            if not p or "://" in p or p.startswith("pypi:"):
+                return p
+            q = Path(p).expanduser()
+            return str(q.resolve()) if q.is_absolute() or q.exists() else p
+
+        def uri_or_dir(p: str | None) -> str | None:
+            return p if not p or "://" in p else str(Path(p).expanduser().resolve())
+
+        return self.model_copy(update={
+            "workdir": str(self.workdir_path),
+            "storage_path": uri_or_dir(self.storage_path),
+            "data": self.data.model_copy(update={k: local(getattr(self.data, k))
+                                                 for k in ("path", "validation_path", "test_path")}),
+            "model": self.model.model_copy(update={"name": local(self.model.name)}),
+            "tracking": self.tracking.model_copy(
+                update={"artifact_location": uri_or_dir(self.tracking.artifact_location)}),
+        })
+
     # --- resolved locations (no side effects: nothing is created here) ---
     @property
     def workdir_path(self) -> Path:

@@ -141,6 +141,7 @@ def run(
     a wrapper around the default is how fault-injection tests reach inside the workers.
     """
     # Everything that can be checked without Ray is checked first.
+    cfg = cfg.with_absolute_paths()  # the workers do not share this process's directory
     resolve_model_source(cfg.model.name)
     splits = splits or load_splits(cfg.data)
     for note in splits.notes:

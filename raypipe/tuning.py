@@ -220,6 +220,7 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, forc
     from raypipe.data import load_splits
     from raypipe.model import resolve_model_source
 
+    cfg = cfg.with_absolute_paths()  # trials run in directories of their own
     resolve_model_source(cfg.model.name)
     splits = load_splits(cfg.data)
     print(f"[raypipe] data: {splits.summary()}")

