@@ -29,70 +29,10 @@ import threading
 import time
 from pathlib import Path
 
+from fault_probe import events, probe_loop  # a sibling module: this script's directory is on sys.path
+
 PARK_RANK = 1
 PARK_AT_STEP = 4
-
-
-def probe_loop(state_file: str, park_file: str):
-    """raypipe's own worker loop, reporting where it runs; parks PARK_RANK in epoch 2."""
-
-    def loop(config):
-        import json as _json
-        import os as _os
-        import time as _time
-
-        import ray
-        import ray.train
-
-        import raypipe.loop as L
-
-        rank = ray.train.get_context().get_world_rank()
-        node = ray.get_runtime_context().get_node_id()
-        resumed = ray.train.get_checkpoint() is not None
-        where = {"epoch": 0, "step": 0}
-        real_batches, real_to_device = L._batches, L._to_device
-
-        def write(event: str) -> None:
-            with open(state_file, "a") as f:
-                f.write(_json.dumps({"t": _time.time(), "pid": _os.getpid(), "node": node, "rank": rank,
-                                     "event": event, "resumed": resumed, **where}) + "\n")
-
-        def batches(*a, **kw):  # once per epoch
-            where["epoch"] += 1
-            where["step"] = 0
-            return real_batches(*a, **kw)
-
-        def to_device(*a, **kw):  # once per batch
-            where["step"] += 1
-            if (where["epoch"], where["step"], rank) == (2, PARK_AT_STEP + 1, PARK_RANK) \
-                    and not resumed and not _os.path.exists(park_file):
-                open(park_file, "w").close()
-                write("parked")
-                deadline = _time.monotonic() + 300
-                while _time.monotonic() < deadline:  # the driver removes this node now
-                    _time.sleep(0.05)
-            return real_to_device(*a, **kw)
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                with open(_os.path.join(d, "raypipe.json")) as f:
-                    where["epoch"] = _json.load(f)["epoch"]
-        write("start")
-        L._batches, L._to_device = batches, to_device
-        try:
-            L.train_loop_per_worker(config)
-        finally:
-            L._batches, L._to_device = real_batches, real_to_device
-        write("end")
-
-    return loop
-
-
-def events(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main() -> int:
@@ -154,7 +94,8 @@ def main() -> int:
     thread = threading.Thread(target=remover, daemon=True)
     thread.start()
     t1 = time.time()
-    result = run(cfg, run_name="mn-run", train_loop=probe_loop(str(state_file), str(park_file)))
+    result = run(cfg, run_name="mn-run", train_loop=probe_loop(str(state_file), str(park_file),
+                                                                 PARK_RANK, PARK_AT_STEP))
     wall = time.time() - t1
     thread.join(5)
     alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]

@@ -1,13 +1,11 @@
 """Training faults, injected for real: SIGKILL a Ray Train worker process in the middle of epoch 2.
 
-The loop is raypipe's own ``train_loop_per_worker``; a thin wrapper reaches into the worker only
-to (1) write its PID, rank, epoch and step to a file in ``tmp_path`` and (2) on the first attempt,
-park rank ``KILLED_RANK`` after ``KILL_AT_STEP`` optimizer steps of epoch 2 so the kill lands
-mid-epoch on a loaded 2-core machine every time (the parked worker has already applied those
+The loop is raypipe's own ``train_loop_per_worker`` inside ``fault_probe.probe_loop``, which only
+(1) writes each worker's PID, rank, epoch and step to a file in ``tmp_path`` and (2) on the first
+attempt parks rank ``KILLED_RANK`` after ``KILL_AT_STEP`` optimizer steps of epoch 2, so the kill
+lands mid-epoch on a loaded 2-core machine every time (the parked worker has already applied those
 steps, none of them checkpointed). The test thread then ``os.kill(pid, SIGKILL)``s that process:
-no Python exception, no clean shutdown. (The wrapper counts epochs and steps by wrapping
-``raypipe.loop._batches`` and ``raypipe.loop._to_device``, which the loop looks up on every call;
-renaming them breaks this test loudly, not silently.) ``FailureConfig(max_failures=1)`` must restart the
+no Python exception, no clean shutdown. ``FailureConfig(max_failures=1)`` must restart the
 worker group from the epoch-1 checkpoint and finish, into the same MLflow run.
 
 The same run, same seed, without the kill is the baseline for the final accuracy.
@@ -26,6 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_probe import events as _events
+from fault_probe import probe_loop
 
 from raypipe.config import config_from_dict
 
@@ -42,66 +42,6 @@ def _cfg(tiny_config, tmp: Path, name: str):
     tree["scaling"].update(num_workers=2, max_failures=1)
     tree["train"].update(epochs=EPOCHS, batch_size=8, keep_checkpoints=1)
     return config_from_dict(tree)
-
-
-def _probe_loop(state_file: str, park_file: str):
-    """The real loop, reporting where it is; parks KILLED_RANK mid-epoch 2 on the first attempt."""
-
-    def loop(config):
-        import json as _json
-        import os as _os
-        import time as _time
-
-        import ray.train
-
-        import raypipe.loop as L
-
-        rank = ray.train.get_context().get_world_rank()
-        resumed = ray.train.get_checkpoint() is not None
-        where = {"epoch": 0, "step": 0}
-        real_batches, real_to_device = L._batches, L._to_device
-
-        def write(event: str) -> None:
-            with open(state_file, "a") as f:
-                f.write(_json.dumps({"t": _time.time(), "pid": _os.getpid(), "rank": rank, "event": event,
-                                     "resumed": resumed, **where}) + "\n")
-
-        def batches(*a, **kw):  # called once at the start of every epoch
-            where["epoch"] += 1
-            where["step"] = 0
-            return real_batches(*a, **kw)
-
-        def to_device(*a, **kw):  # called once per training (and evaluation) batch
-            where["step"] += 1
-            if (where["epoch"], where["step"], rank) == (2, KILL_AT_STEP + 1, KILLED_RANK) and not resumed \
-                    and not _os.path.exists(park_file):
-                open(park_file, "w").close()
-                write("parked")
-                deadline = _time.monotonic() + 300
-                while _time.monotonic() < deadline:  # the test kills this process now
-                    _time.sleep(0.05)
-            return real_to_device(*a, **kw)
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                with open(_os.path.join(d, "raypipe.json")) as f:
-                    where["epoch"] = _json.load(f)["epoch"]  # the last finished epoch
-        write("start")  # "epoch" here: the last finished one (0 on a fresh start)
-        L._batches, L._to_device = batches, to_device
-        try:
-            L.train_loop_per_worker(config)
-        finally:
-            L._batches, L._to_device = real_batches, real_to_device
-        write("end")
-
-    return loop
-
-
-def _events(state_file: Path) -> list[dict]:
-    if not state_file.exists():
-        return []
-    return [json.loads(line) for line in state_file.read_text().splitlines() if line.strip()]
 
 
 def _mlflow(cfg):
@@ -155,8 +95,8 @@ class Kill:
         thread.start()
         t0 = time.time()
         try:
-            return run(self.cfg, train_loop=_probe_loop(str(self.state_file), str(self.park_file)),
-                       run_name=self.run_name)
+            return run(self.cfg, run_name=self.run_name,
+                       train_loop=probe_loop(str(self.state_file), str(self.park_file), KILLED_RANK, KILL_AT_STEP))
         finally:
             self.wall_s = time.time() - t0
             thread.join(5)
