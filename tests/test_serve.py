@@ -498,3 +498,37 @@ def test_serve_deploy_of_the_emitted_config_swaps_in_place_on_a_user_config_chan
     assert after["serving"]["replica"] == before["serving"]["replica"]  # no restart
     assert after["serving"]["revision"] == "2"
     assert result["codes"] and set(result["codes"]) == {200}
+
+
+def test_access_log_off_leaves_no_request_lines_in_the_replica_log(served, tiny_checkpoint):
+    """serve.access_log: false is handed to Serve: that replica logs no line per request, while
+    the default app beside it does."""
+    import ray
+    from ray import serve
+
+    from raypipe.serve import deploy
+
+    tree = served.cfg.model_dump(mode="json")
+    tree["serve"].update(app_name="quiet", route_prefix="/quiet", access_log=False)
+    quiet = deploy(config_from_dict(tree), str(tiny_checkpoint), ready_timeout_s=180)
+    try:
+        for url in (quiet.url, served.url):  # quiet first: its lines, if any, are flushed first
+            for _ in range(3):
+                assert _post(url, {"text": "goal match"}).status_code == 200
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+
+        def request_lines(app: str, path: str) -> int:  # waits for the first line to appear
+            deadline = time.time() + 20  # replica logs are flushed asynchronously
+            while True:
+                n = sum(f.read_text(errors="replace").count(f"POST {path} 200")
+                        for f in logs.glob(f"replica_{app}_*.log"))
+                if n or time.time() > deadline:
+                    return n
+                time.sleep(0.5)
+
+        assert request_lines(served.cfg.serve.app_name, "/predict") >= 3  # logs were flushed by now
+        assert list(logs.glob("replica_quiet_*.log"))  # the quiet replica does log, just not requests
+        assert sum(f.read_text(errors="replace").count("POST /quiet/predict")
+                   for f in logs.glob("replica_quiet_*.log")) == 0
+    finally:
+        serve.delete("quiet")

@@ -206,3 +206,21 @@ def test_auto_cpus_give_a_lone_worker_every_core_and_as_many_torch_threads(ray_l
     seen = json.loads(out.read_text())
     assert seen == {"cpus": 2.0, "threads": 2}, seen  # the session's Ray has 2 CPUs on one node
     assert "1 worker(s) x 2 CPU (auto)" in capfd.readouterr().out
+
+
+def test_a_worker_reserving_just_under_2_cpus_still_gets_2_torch_threads(ray_local):
+    """A sweep's lone trial reserves 2 - 0.01 CPU per worker beside its 0.01-CPU driver; Ray alone
+    would give torch floor(1.99) = 1 thread. The worker loop rounds instead."""
+    import ray
+
+    @ray.remote(num_cpus=1.99)
+    def threads() -> tuple[int, int]:
+        import torch
+
+        from raypipe.loop import _threads_for_reservation
+
+        before = torch.get_num_threads()
+        _threads_for_reservation()
+        return before, torch.get_num_threads()
+
+    assert ray.get(threads.remote()) == (1, 2)
