@@ -31,6 +31,13 @@ class ConfigError(RaypipeError):
 class DataError(RaypipeError):
     """Bad training/evaluation data: names the file, and the row where it can."""
 
+    @classmethod
+    def at(cls, where: str, rows: list[int], what: str) -> DataError:
+        """``rows`` are 0-based positions of the bad rows; the message names the first (1-based)
+        and how many more there are."""
+        more = f" (and {len(rows) - 1} more row(s))" if len(rows) > 1 else ""
+        return cls(f"{where}: row {rows[0] + 1}: {what}{more}")
+
 
 class CheckpointError(RaypipeError):
     """A checkpoint directory that is missing, incomplete or corrupt."""
