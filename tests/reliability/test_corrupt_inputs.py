@@ -37,7 +37,7 @@ def raypipe_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def store(tmp_path_factory, tiny_checkpoint):
     """A config file whose store already holds MODEL v1 (@champion)."""
     from raypipe.config import load_config
-    from raypipe.registry import register_checkpoint
+    from raypipe.registration import register_checkpoint
 
     root = tmp_path_factory.mktemp("corrupt-store")
     cfg_file = root / "cfg.yaml"

@@ -464,13 +464,24 @@ def clean_datasets(draw) -> list[tuple[str, str]]:
 
 
 def write_clean(fmt: str, d: Path, data: list[tuple[str, str]], ascii_json: bool) -> Path:
-    if fmt in ("csv", "tsv"):
+    if fmt in ("csv", "tsv-csv"):
         out = io.StringIO()
         # The csv module's default \r\n terminator: a bare \r inside a field gets quoted then.
-        w = csv.writer(out, delimiter="\t" if fmt == "tsv" else ",")
+        w = csv.writer(out, delimiter="\t" if fmt == "tsv-csv" else ",")
         w.writerow(["text", "label"])
         w.writerows(data)
-        (path := d / f"data.{fmt}").write_bytes(out.getvalue().encode("utf-8"))
+        (path := d / f"data.{fmt.split('-')[0]}").write_bytes(out.getvalue().encode("utf-8"))
+    elif fmt == "tsv":  # TSV as NLP data sets ship it: no quoting at all
+        lines = ["text\tlabel", *(f"{t}\t{lbl}" for t, lbl in data)]
+        (path := d / "data.tsv").write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    elif fmt == "lines":
+        path = d / "corpus"
+        path.mkdir()
+        by_label: dict[str, list[str]] = {}
+        for t, lbl in data:
+            by_label.setdefault(lbl, []).append(t)
+        for lbl, texts in by_label.items():
+            (path / f"{lbl}.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
     elif fmt == "json":
         doc = [{"text": t, "label": lbl} for t, lbl in data]
         (path := d / "data.json").write_text(json.dumps(doc, ensure_ascii=ascii_json), encoding="utf-8")
@@ -494,20 +505,29 @@ def _folder_safe(label: str) -> bool:
     return "/" not in label and "\0" not in label and not label.startswith(".") and len(label.encode()) < 200
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+ROUND_TRIP_FORMATS = [*FORMATS, "tsv-csv", "lines"]
+_LINE_BREAKS = ("\t", "\n", "\r")
+
+
+@pytest.mark.parametrize("fmt", ROUND_TRIP_FORMATS)
 def test_well_formed_files_round_trip(fmt, scratch):
     """Every format reads back every row as written (text and label stripped), any Unicode."""
 
     @settings(SETTINGS, max_examples=ROUND_TRIP_EXAMPLES)
     @given(data=clean_datasets(), ascii_json=st.booleans())
     def prop(data, ascii_json):
-        if fmt == "folder":  # a folder name is the label: no '/', no NUL, not hidden
+        if fmt in ("folder", "lines"):  # a folder (file) name is the label: no '/', no NUL, not hidden
             data = [(t, lbl.strip()) for t, lbl in data if _folder_safe(lbl.strip())]
-            if len({lbl for _, lbl in data}) < 2:
-                return
+        if fmt in ("tsv", "lines"):  # an unquoted line cannot hold a tab or a line break
+            data = [(t, lbl) for t, lbl in data if not any(c in t + lbl for c in _LINE_BREAKS)]
+        if fmt == "lines":  # one example per line: its text is the stripped line, its label the file name
+            data = [(t, lbl) for t, lbl in data if "." not in lbl]
+        if len({lbl.strip() for _, lbl in data}) < 2 or min(Counter(lbl.strip() for _, lbl in data).values()) < 3:
+            return
         with fresh_dir(scratch) as d, shown(data=data, ascii_json=ascii_json):
             path = write_clean(fmt, d, data, ascii_json)
-            splits = load_splits(config_from_dict({"data": {"path": str(path)}}).data)
+            extra = {"quoting": "csv"} if fmt == "tsv-csv" else {}
+            splits = load_splits(config_from_dict({"data": {"path": str(path), **extra}}).data)
             assert_well_formed(splits, expected_rows=len(data))
             got = Counter(
                 (t, lbl) for f in (splits.train, splits.val, splits.test) for t, lbl in zip(f["text"], f["label"])
@@ -609,4 +629,5 @@ def test_reader_properties_summary():
     for fmt in FORMATS:
         c = STATS.get(fmt, Counter())
         assert sum(c.values()) >= MAX_EXAMPLES // 2 and sum(c.values()) > c["accepted"], (fmt, dict(c))
-        assert STATS["round-trip"][f"accepted:{fmt}"] >= ROUND_TRIP_EXAMPLES // 2, (fmt, summary)
+    for fmt in ROUND_TRIP_FORMATS:
+        assert STATS["round-trip"][f"accepted:{fmt}"] >= ROUND_TRIP_EXAMPLES // 3, (fmt, summary)
