@@ -214,7 +214,7 @@ def checkpoint_without_training(model: str, work: Path, labels: list[str], max_l
     if (out / "raypipe.json").is_file():
         return out
     cfg = RaypipeConfig(model={"name": model})
-    m, tok = build(cfg.model, labels)
+    m, tok = build(cfg.model, {"labels": labels})
     save_checkpoint(out, m, tok, {"labels": labels, "max_length": max_length, "epoch": 0, "metrics": {},
                                   "config": cfg.model_dump(mode="json")})
     return out

@@ -1,4 +1,4 @@
-"""raypipe: fine-tune, track, tune, register and serve Hugging Face classifiers on Ray.
+"""raypipe: fine-tune, track, tune, register and serve Hugging Face transformers models on Ray.
 
 ``import raypipe`` stays light: torch, ray and mlflow load only when a stage that needs them
 runs. The stage functions below are thin entry points; the work lives in ``raypipe.training``,
@@ -32,6 +32,16 @@ def evaluate(model: str, cfg: RaypipeConfig | None = None, **kwargs: Any) -> Any
     return import_module("raypipe.evaluation").run(model, cfg, **kwargs)
 
 
+def register(checkpoint: str, cfg: RaypipeConfig, **kwargs: Any) -> Any:
+    """Register a checkpoint dir in the MLflow Model Registry and run the promotion gate."""
+    return import_module("raypipe.registration").run(checkpoint, cfg, **kwargs)
+
+
+def load_predictor(model: str, tracking_uri: str | None = None, **kwargs: Any) -> Any:
+    """A ``Predictor`` for a checkpoint dir or a ``models:/name@alias`` URI."""
+    return import_module("raypipe.registry").load_predictor(model, tracking_uri=tracking_uri, **kwargs)
+
+
 _LAZY = {
     "load_config": "raypipe.config",
     "RaypipeConfig": "raypipe.config",
@@ -40,7 +50,7 @@ _LAZY = {
     "Predictor": "raypipe.predict",
 }
 
-__all__ = ["__version__", "train", "tune", "evaluate", *_LAZY]
+__all__ = ["__version__", "train", "tune", "evaluate", "register", "load_predictor", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

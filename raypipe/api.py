@@ -7,8 +7,12 @@ plugs its dynamic batching in through ``predict_fn``; tests use it directly with
 ``TestClient``.
 
 Routes
-    ``POST /predict``  ``{"texts": [...]}`` or ``{"text": "..."}``, optional ``"top_k"``
-                       -> ``{"predictions": [{"label", "score", "probabilities"}], "model": {...}}``
+    ``POST /predict``  ``{"texts": [...]}`` or ``{"text": "..."}`` (``{"pairs": [[a, b], ...]}`` for
+                       a sentence-pair model), optional ``"top_k"``
+                       -> ``{"predictions": [<the task's prediction>, ...], "model": {...}}``:
+                       ``{"label", "score", "probabilities"}`` for a classifier,
+                       ``{"labels", "scores"}`` for multi-label, ``{"value"}`` for regression.
+                       ``/openapi.json`` describes the request and answer of the model loaded now.
     ``GET /health``    liveness: the process answers (never needs a token)
     ``GET /ready``     200 once a model is loaded *and* warmed up, 503 before
     ``GET /metadata``  model name/version/run, labels, max sequence length, limits, versions
@@ -23,7 +27,8 @@ Errors are JSON ``{"error": "<what to fix>", "problems": ["<one line per problem
     415  the content type is not ``application/json``
     422  valid JSON that breaks the schema or a limit: empty list, empty/whitespace text,
          a non-string item, more than ``serve.max_texts`` texts, a text over ``serve.max_chars``
-         characters, an unknown field, ``top_k`` out of range
+         characters, an unknown field, ``top_k`` out of range, texts for a pair model (or
+         pairs for a single-text model)
     503  no model loaded yet (with ``Retry-After``)
 
 Nothing a client sends reaches the model before it passed every check above, and the work a
@@ -68,9 +73,10 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 PredictorProvider = Callable[[], "Predictor | None"]
-# predict_fn(texts) -> (one prediction dict per text, the Predictor that made them). Returning
-# the predictor lets the response name the model that really answered, even across a swap.
-PredictFn = Callable[[list[str]], Awaitable[tuple[list[dict[str, Any]], "Predictor"]]]
+# predict_fn(inputs) -> (one prediction dict per input, the Predictor that made them). Inputs are
+# texts, or (a, b) pairs for a pair model. Returning the predictor lets the response name the
+# model that really answered, even across a swap.
+PredictFn = Callable[[list[Any]], Awaitable[tuple[list[dict[str, Any]], "Predictor"]]]
 
 RETRY_AFTER_S = 1
 _MAX_PROBLEMS = 10  # a 10k-item garbage list must not produce a 10k-line error
@@ -79,18 +85,31 @@ _MAX_PROBLEMS = 10  # a 10k-item garbage list must not produce a 10k-line error
 # ----------------------------------------------------------------------------- schema
 
 
+def _limited(items: list[Any], what: str, limits: dict[str, Any], problems: list[str]) -> None:
+    max_texts = limits.get("max_texts")
+    if max_texts is not None and len(items) > max_texts:
+        raise ValueError(f"{len(items)} {what} in one request; the limit is {max_texts}, split it up")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError("; ".join(problems[:3]) + more)
+
+
 class PredictRequest(BaseModel):
-    """Either ``texts`` (a list) or ``text`` (one string); ``top_k`` limits the probabilities."""
+    """Exactly one of ``texts`` (a list), ``text`` (one string) or ``pairs`` (for a sentence-pair
+    model); ``top_k`` limits the per-label scores in the answer."""
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={"examples": [{"texts": ["Shares rose after the results"], "top_k": 2}]},
     )
 
-    texts: list[StrictStr] | None = Field(None, description="Texts to classify (1..serve.max_texts).")
+    texts: list[StrictStr] | None = Field(None, description="Texts to predict for (1..serve.max_texts).")
     text: StrictStr | None = Field(None, description="A single text; the same as texts=[text].")
+    pairs: list[tuple[StrictStr, StrictStr]] | None = Field(
+        None, description="Sentence pairs [text_a, text_b] (1..serve.max_texts), for a model trained on pairs."
+    )
     top_k: StrictInt | None = Field(
-        None, ge=1, description="Return only the k most likely classes' probabilities."
+        None, ge=1, description="Return only the k highest per-label scores (classification, multi-label)."
     )
 
     @field_validator("texts")
@@ -101,13 +120,20 @@ class PredictRequest(BaseModel):
         if not v:
             raise ValueError("the list is empty; send at least one text")
         limits = info.context or {}
-        max_texts = limits.get("max_texts")
-        if max_texts is not None and len(v) > max_texts:
-            raise ValueError(f"{len(v)} texts in one request; the limit is {max_texts}, split it up")
-        problems = [p for i, t in enumerate(v) if (p := _text_problem(t, f"texts[{i}]", limits))]
-        if problems:
-            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise ValueError("; ".join(problems[:3]) + more)
+        _limited(v, "texts", limits, [p for i, t in enumerate(v) if (p := _text_problem(t, f"texts[{i}]", limits))])
+        return v
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, v: list[tuple[str, str]] | None, info: ValidationInfo) -> list[tuple[str, str]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("the list is empty; send at least one [text_a, text_b] pair")
+        limits = info.context or {}
+        problems = [p for i, pair in enumerate(v) for j, t in enumerate(pair)
+                    if (p := _text_problem(t, f"pairs[{i}][{j}]", limits))]
+        _limited(v, "pairs", limits, problems)
         return v
 
     @field_validator("text")
@@ -119,15 +145,35 @@ class PredictRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_of(self) -> PredictRequest:
-        if (self.texts is None) == (self.text is None):
+        if sum(x is not None for x in (self.texts, self.text, self.pairs)) != 1:
             raise ValueError(
-                'send exactly one of "texts" (a list of strings) or "text" (a string), '
-                'e.g. {"texts": ["some text"]}'
+                'send exactly one of "texts" (a list of strings), "text" (a string) or "pairs" (a list '
+                'of [text_a, text_b]), e.g. {"texts": ["some text"]}'
             )
         return self
 
-    def all_texts(self) -> list[str]:
+    def inputs(self) -> list[Any]:
+        if self.pairs is not None:
+            return [tuple(p) for p in self.pairs]
         return self.texts if self.texts is not None else [self.text]  # type: ignore[list-item]
+
+
+class TextRequest(BaseModel):
+    """The request of a single-text model (``/openapi.json`` while one is served)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"texts": ["Shares rose after the results"]}]})
+    texts: list[str] | None = PredictRequest.model_fields["texts"]
+    text: str | None = PredictRequest.model_fields["text"]
+    top_k: int | None = PredictRequest.model_fields["top_k"]
+
+
+class PairRequest(BaseModel):
+    """The request of a sentence-pair model (``/openapi.json`` while one is served)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"pairs": [["A man is playing a guitar.", "Someone plays an instrument."]]}]})
+    pairs: list[tuple[str, str]] = Field(description=PredictRequest.model_fields["pairs"].description)
+    top_k: int | None = PredictRequest.model_fields["top_k"]
 
 
 def _text_problem(text: str, where: str, limits: dict[str, Any]) -> str | None:
@@ -150,22 +196,31 @@ class ModelInfo(BaseModel):
     run_id: str | None = Field(None, description="MLflow run that produced the model.")
 
 
-class Prediction(BaseModel):
-    label: str
-    score: float = Field(description="Probability of `label`.")
-    probabilities: dict[str, float] = Field(description="Class -> probability, most likely first.")
-
-
 class PredictResponse(BaseModel):
-    predictions: list[Prediction]
+    """The answer of any model; ``/openapi.json`` shows the prediction shape of the task served."""
+
+    predictions: list[dict[str, Any]] = Field(description="One per input, shaped by the model's task.")
     model: ModelInfo
+
+
+def response_model(task: Any) -> type[BaseModel]:
+    """``PredictResponse`` with the task's own prediction model (for the OpenAPI schema)."""
+    from pydantic import create_model
+
+    return create_model(
+        f"{task.prediction_model.__name__}Response",
+        predictions=(list[task.prediction_model], Field(description="One per input, in input order.")),
+        model=(ModelInfo, ...),
+    )
 
 
 class Metadata(BaseModel):
     model: ModelInfo
     source: str | None = Field(None, description="The URI or dir the model was loaded from.")
     path: str | None = Field(None, description="Local checkpoint dir on the replica.")
-    labels: list[str]
+    task: str = Field(description="What the model predicts: classification, multi_label, regression, ...")
+    inputs: str = Field(description="'text' (send texts) or 'pair' (send pairs).")
+    labels: list[str] = Field(description="The labels a label model predicts (empty otherwise).")
     max_length: int = Field(description="Tokens per text; longer texts are truncated.")
     raypipe_version: str
     checkpoint_raypipe_version: str | None = None
@@ -222,11 +277,23 @@ def model_info(predictor: Predictor) -> ModelInfo:
 
 
 def top_k(prediction: dict[str, Any], k: int | None) -> dict[str, Any]:
-    """Keep the k most likely classes. Stable sort, so ties keep the Predictor's own order."""
+    """Keep the k highest entries of every label -> score mapping in the answer (a classifier's
+    ``probabilities``, a multi-label model's ``scores``). Stable sort: ties keep the Predictor's
+    own order."""
     if k is None:
         return prediction
-    ranked = sorted(prediction["probabilities"].items(), key=lambda kv: -kv[1])[:k]
-    return {**prediction, "probabilities": dict(ranked)}
+    out = dict(prediction)
+    for key, value in prediction.items():
+        if isinstance(value, dict) and all(isinstance(v, float) for v in value.values()):
+            out[key] = dict(sorted(value.items(), key=lambda kv: -kv[1])[:k])
+    return out
+
+
+def ranks_labels(predictor: Predictor) -> bool:
+    """Whether ``top_k`` means something for this model (its answers score each label)."""
+    import typing
+
+    return any(typing.get_origin(f.annotation) is dict for f in predictor.task.prediction_model.model_fields.values())
 
 
 def max_body_bytes(cfg: ServeConfig) -> int:
@@ -242,20 +309,16 @@ def warm_up(predictor: Predictor) -> None:
     doing it here keeps that cost out of the first user's latency, and a model that cannot
     fit its longest input fails now rather than under traffic.
     """
-    probs = predictor.predict_proba(["warm-up", "warm-up " * predictor.max_length])
-    _check_probs(probs)
+    from raypipe.predict import check_finite
+
+    check_finite(predictor.predict(predictor.warmup_inputs()))
 
 
 def probe(predictor: Predictor) -> None:
-    """A tiny real prediction whose output must be a probability distribution (health checks)."""
-    _check_probs(predictor.predict_proba(["health check"]))
+    """A tiny real prediction whose answer must hold no NaN or inf (health checks)."""
+    from raypipe.predict import check_finite
 
-
-def _check_probs(probs: Any) -> None:
-    import numpy as np
-
-    if not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
-        raise RuntimeError("the model returned invalid probabilities (NaN/inf or not summing to 1)")
+    check_finite(predictor.predict(predictor.warmup_inputs()[:1]))
 
 
 class ModelSlot:
@@ -412,13 +475,16 @@ def _problems(err: ValidationError) -> list[str]:
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
         kind, msg = e["type"], e["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
-            msg = f"unknown field '{loc}': send \"texts\" (list of strings) or \"text\" (a string), optionally \"top_k\""
+            msg = (f"unknown field '{loc}': send \"texts\" (list of strings), \"text\" (a string) or \"pairs\" "
+                   "(list of [text_a, text_b]), optionally \"top_k\"")
             out.append(msg)
             continue
         if kind == "string_type":
             msg = "must be a string"
         elif kind == "list_type":
-            msg = "must be a list of strings"
+            msg = "must be a list of strings" if not loc.startswith("pairs") else "must be a list of [text_a, text_b] pairs"
+        elif kind in ("tuple_type", "too_short", "too_long") and loc.startswith("pairs"):
+            msg = "must be a pair [text_a, text_b] of two strings"
         elif kind == "int_type":
             msg = "must be an integer"
         elif kind == "greater_than_equal":
@@ -429,7 +495,7 @@ def _problems(err: ValidationError) -> list[str]:
 
 
 async def _default_predict(provider: PredictorProvider, stats: BatchStats,
-                           texts: list[str]) -> tuple[list[dict[str, Any]], Predictor]:
+                           texts: list[Any]) -> tuple[list[dict[str, Any]], Predictor]:
     predictor = provider()
     if predictor is None:
         raise ApiError(503, "the model is not loaded yet; retry shortly",
@@ -481,7 +547,7 @@ def create_app(
             raise TypeError("the default predict path records into a BatchStats; pass one")
         default_stats = stats
 
-        async def predict_fn(texts: list[str]) -> tuple[list[dict[str, Any]], Predictor]:
+        async def predict_fn(texts: list[Any]) -> tuple[list[dict[str, Any]], Predictor]:
             return await _default_predict(predictor_provider, default_stats, texts)
 
     if isinstance(predictor_provider, ModelSlot):
@@ -492,7 +558,8 @@ def create_app(
     app = FastAPI(
         title="raypipe model server",
         version=__version__,
-        description="Text classification with a raypipe checkpoint. "
+        description="Predictions of a raypipe model (the request and answer shapes below are the ones "
+        "of the model loaded when this page was made). "
         "Send `Authorization: Bearer <token>` when the server has a token configured.",
     )
     if token is not None:
@@ -545,6 +612,8 @@ def create_app(
             model=model_info(predictor),
             source=source() if source else meta.get("path"),
             path=meta.get("path"),
+            task=predictor.task.name,
+            inputs="pair" if predictor.pair else "text",
             labels=predictor.labels,
             max_length=predictor.max_length,
             raypipe_version=__version__,
@@ -562,7 +631,7 @@ def create_app(
         "/predict",
         response_model=PredictResponse,
         responses={k: v for k, v in _ERRORS.items() if k != 401 or token is not None},
-        summary="Classify one or more texts",
+        summary="Predict for one or more texts (or sentence pairs)",
         # The body is read and parsed by hand (size limit first, then JSON, then the schema),
         # so declare the schema for the OpenAPI docs explicitly.
         openapi_extra={
@@ -592,13 +661,52 @@ def create_app(
             more = [f"... and {len(problems) - _MAX_PROBLEMS} more"] if len(problems) > _MAX_PROBLEMS else []
             raise ApiError(422, "; ".join(problems[:3]), problems[:_MAX_PROBLEMS] + more) from None
         predictor = current_or_503()
-        if req.top_k is not None and req.top_k > len(predictor.labels):
-            raise ApiError(422, f"top_k is {req.top_k} but the model has {len(predictor.labels)} classes",
-                           [f"top_k: must be between 1 and {len(predictor.labels)}"])
-        preds, used = await predict_fn(req.all_texts())
-        return PredictResponse(
-            predictions=[Prediction(**top_k(p, req.top_k)) for p in preds],
-            model=model_info(used),
-        )
+        if predictor.pair and req.pairs is None:
+            raise ApiError(422, 'this model compares two texts: send {"pairs": [["text a", "text b"], ...]}',
+                           ["texts/text: not accepted by a sentence-pair model"])
+        if not predictor.pair and req.pairs is not None:
+            raise ApiError(422, 'this model takes single texts: send {"texts": ["some text"]}',
+                           ["pairs: only a model trained on sentence pairs takes them"])
+        if req.top_k is not None:
+            if not ranks_labels(predictor):
+                raise ApiError(422, f"top_k applies to models that score labels; this is a {predictor.task.name} model",
+                               ["top_k: leave it out"])
+            if req.top_k > len(predictor.labels):
+                raise ApiError(422, f"top_k is {req.top_k} but the model has {len(predictor.labels)} classes",
+                               [f"top_k: must be between 1 and {len(predictor.labels)}"])
+        preds, used = await predict_fn(req.inputs())
+        return PredictResponse(predictions=[top_k(p, req.top_k) for p in preds], model=model_info(used))
+
+    base_openapi = app.openapi
+    cached: dict[Any, dict[str, Any]] = {}
+
+    def openapi() -> dict[str, Any]:
+        """The schema of the model being served: its request (texts or pairs) and its answer."""
+        predictor = predictor_provider()
+        key = (predictor.task.name, predictor.pair) if predictor is not None else None
+        if key not in cached:
+            app.openapi_schema = None
+            doc = base_openapi()
+            app.openapi_schema = None
+            if predictor is not None:
+                _describe_predict(doc, PairRequest if predictor.pair else TextRequest, response_model(predictor.task))
+            cached[key] = doc
+        return cached[key]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     return app
+
+
+def _describe_predict(doc: dict[str, Any], request: type[BaseModel], response: type[BaseModel]) -> None:
+    """Put the served model's own request and answer schemas on ``POST /predict``."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    refs = {}
+    for model in (request, response):
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(js.pop("$defs", {}))
+        schemas[model.__name__] = js
+        refs[model] = {"$ref": f"#/components/schemas/{model.__name__}"}
+    op = next(v["post"] for k, v in doc["paths"].items() if k.endswith("/predict") and "post" in v)
+    op["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[request]}}}
+    op["responses"]["200"]["content"] = {"application/json": {"schema": refs[response]}}

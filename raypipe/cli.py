@@ -43,7 +43,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.check_data:
         from raypipe.data import load_splits
 
-        print(load_splits(cfg.data).summary())
+        splits = load_splits(cfg.data, cfg.task)
+        for note in splits.notes:
+            print(f"data: {note}")
+        print(splits.summary())
     if args.show:
         for key, value in flatten(cfg.model_dump(mode="json")).items():
             print(f"{key} = {value}")
@@ -60,10 +63,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from raypipe.data import load_splits
+    from raypipe.pipeline import evaluate_and_register
     from raypipe.tuning import run
 
-    result = run(_config(args), resume=args.resume)
+    cfg = _config(args).with_absolute_paths()
+    splits = load_splits(cfg.data, cfg.task)
+    print(f"[raypipe] data: {splits.summary()}")
+    result = run(cfg, resume=args.resume, splits=splits)
     print(result.summary())
+    if not args.no_register:
+        evaluate_and_register(cfg, result.best_checkpoint, splits=splits, source_run_id=result.best_run_id)
     return 0
 
 
@@ -76,9 +86,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from raypipe.registry import register_checkpoint
+    from raypipe.registration import run
 
-    result = register_checkpoint(args.checkpoint, _config(args), name=args.name, force=args.force)
+    result = run(args.checkpoint, _config(args), name=args.name, force=args.force)
     print(result.summary())
     return 0
 
@@ -100,25 +110,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
 
+    from raypipe.errors import ConfigError
+
     if bool(args.url) == bool(args.model):
         raise SystemExit("raypipe predict: give exactly one of --url or --model")
+    inputs: list[Any] = list(args.texts)
+    if args.pairs:
+        if len(inputs) % 2:
+            raise ConfigError(f"--pairs: give texts two at a time (a b a b ...); got {len(inputs)}")
+        inputs = [(inputs[i], inputs[i + 1]) for i in range(0, len(inputs), 2)]
     if args.url:
         from raypipe.client import predict_http
 
         token = os.environ.get(args.token_env) if args.token_env else None
-        out = predict_http(args.url, args.texts, top_k=args.top_k, token=token)
-        preds = out["predictions"]
+        preds = predict_http(args.url, inputs, top_k=args.top_k, token=token)["predictions"]
+        describe = None
     else:
-        from raypipe.predict import Predictor
+        from raypipe.registry import load_predictor
 
         tracking_uri = _config(args).resolved_tracking_uri if args.model.startswith("models:/") else None
-        preds = Predictor.from_uri(args.model, tracking_uri=tracking_uri).predict(args.texts, top_k=args.top_k)
+        predictor = load_predictor(args.model, tracking_uri=tracking_uri)
+        preds = predictor.predict(inputs, top_k=args.top_k)
+        describe = lambda p: predictor.task.describe(p, predictor.schema)  # noqa: E731
     if args.json:
         print(json.dumps(preds, indent=2))
     else:
-        for text, p in zip(args.texts, preds):
+        for item, p in zip(inputs, preds):
+            text = item if isinstance(item, str) else " | ".join(item)
             short = text if len(text) <= 60 else text[:57] + "..."
-            print(f"{p['label']}\t{p['score']:.4f}\t{short}")
+            shown = describe(p) if describe else json.dumps(p, separators=(",", ":"))[:80]
+            print(f"{shown}\t{short}")
     return 0
 
 
@@ -158,7 +179,8 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raypipe",
-        description="Fine-tune, track, tune, register and serve Hugging Face text classifiers on Ray.",
+        description="Fine-tune, track, tune, register and serve Hugging Face transformers models on Ray "
+        "(classification, multi-label, regression, sentence pairs).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -181,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", _cmd_train, "fine-tune on Ray Train and log the run to MLflow")
     _add_config(p)
 
-    p = add("tune", _cmd_tune, "search hyperparameters on Ray Tune; register and promote the best")
+    p = add("tune", _cmd_tune, "search hyperparameters on Ray Tune; evaluate, register and promote the best")
     _add_config(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("--no-register", action="store_true", help="stop after the sweep")
 
     p = add("evaluate", _cmd_evaluate, "held-out metrics for a checkpoint dir or models:/ URI")
     p.add_argument("model", help="checkpoint dir, models:/name@alias or models:/name/VERSION")
@@ -210,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
     p.add_argument("--emit-config", metavar="PATH", help="write a Serve config YAML for `serve deploy` and exit")
 
-    p = add("predict", _cmd_predict, "predict labels for texts, offline (--model) or over HTTP (--url)")
-    p.add_argument("texts", nargs="+", help="texts to classify")
+    p = add("predict", _cmd_predict, "predict for texts, offline (--model) or over HTTP (--url)")
+    p.add_argument("texts", nargs="+", help="texts (with --pairs: a b a b ... for a sentence-pair model)")
+    p.add_argument("--pairs", action="store_true", help="the texts are sentence pairs, two at a time")
     p.add_argument("--model", help="checkpoint dir or models:/ URI (offline, no Ray)")
     p.add_argument("--url", help="base URL of a running raypipe server")
     p.add_argument("--config", "-c", help="config (for the tracking URI of models:/ URIs)")

@@ -10,21 +10,24 @@ from raypipe.errors import RaypipeError
 
 def predict_http(
     url: str,
-    texts: Sequence[str],
+    texts: Sequence[Any],
     top_k: int | None = None,
     token: str | None = None,
     timeout: float = 30,
 ) -> dict[str, Any]:
-    """POST ``texts`` to ``<url>/predict``; returns the server's JSON body.
+    """POST ``texts`` (or ``(a, b)`` pairs, for a sentence-pair model) to ``<url>/predict``;
+    returns the server's JSON body.
 
-    ``{"predictions": [{"label", "score", "probabilities"}, ...], "model": {"name", "version",
-    "run_id"}}``. Any 4xx/5xx answer, a timeout or an unreachable server raises
+    ``{"predictions": [<one per input, shaped by the model's task>], "model": {"name",
+    "version", "run_id"}}``. Any 4xx/5xx answer, a timeout or an unreachable server raises
     :class:`~raypipe.errors.RaypipeError` carrying the server's own error message.
     """
     import httpx
 
     endpoint = f"{url.rstrip('/')}/predict"
-    body: dict[str, Any] = {"texts": list(texts)}
+    items = list(texts)
+    pairs = bool(items) and all(isinstance(t, (list, tuple)) for t in items)
+    body: dict[str, Any] = {"pairs": [list(p) for p in items]} if pairs else {"texts": items}
     if top_k is not None:
         body["top_k"] = top_k
     headers = {"Authorization": f"Bearer {token}"} if token else {}

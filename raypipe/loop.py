@@ -21,11 +21,10 @@ import torch
 
 import ray.train
 import ray.train.torch
-from raypipe import metrics as M
+from raypipe import tasks
+from raypipe.batches import evaluate_rows, num_rows, to_device
 from raypipe.config import RaypipeConfig, config_from_dict
-from raypipe.model import build, load_train_state, save_checkpoint, unwrap
-
-ROWS = ("input_ids", "attention_mask", "length", "labels")
+from raypipe.model import auto_class, build, load_train_state, save_checkpoint
 
 
 def _dist() -> bool:
@@ -39,15 +38,24 @@ def _all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
     return t
 
 
+def _gather(a: np.ndarray) -> np.ndarray:
+    """This worker's array joined with every other worker's (rank order)."""
+    if not _dist():
+        return a
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, a)
+    return np.concatenate(out)
+
+
 def _collect(shard: Any) -> dict[str, np.ndarray]:
     """Pull this worker's shard into memory once: token ids are small, and owning them lets us
     batch by length every epoch without paying Ray Data's iteration cost per step."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ROWS}
+    parts: dict[str, list[np.ndarray]] = {}
     for batch in shard.iter_batches(batch_size=2048, batch_format="numpy"):
-        for k in ROWS:
-            parts[k].append(batch[k])
-    if not parts["labels"]:
-        return {k: np.zeros((0, 1) if k in ("input_ids", "attention_mask") else (0,), dtype=np.int64) for k in ROWS}
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(v)
+    if not parts:
+        return {"length": np.zeros(0, dtype=np.int32)}
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -65,16 +73,6 @@ def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, gro
     return batches
 
 
-def _to_device(rows: dict[str, np.ndarray], sel: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    """Trim the padded rows to the longest in this batch: dynamic padding at step time."""
-    width = max(int(rows["length"][sel].max()), 1)
-    return {
-        "input_ids": torch.from_numpy(rows["input_ids"][sel, :width].astype(np.int64)).to(device, non_blocking=True),
-        "attention_mask": torch.from_numpy(rows["attention_mask"][sel, :width].astype(np.int64)).to(device, non_blocking=True),
-        "labels": torch.from_numpy(rows["labels"][sel]).to(device, non_blocking=True),
-    }
-
-
 def resolve_precision(requested: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
     if requested == "fp32" or (requested == "auto" and device.type != "cuda"):
@@ -82,30 +80,6 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[torch.dtype
     if requested == "bf16" or (requested == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16, False
     return torch.float16, device.type == "cuda"
-
-
-@torch.no_grad()
-def evaluate_rows(model: Any, rows: dict[str, np.ndarray], num_labels: int, batch_size: int,
-                  device: torch.device, amp: torch.dtype | None) -> tuple[np.ndarray, float, int]:
-    """Confusion matrix, summed loss and count over this worker's rows, summed across workers."""
-    bare = unwrap(model)  # no DDP in eval: no gradient sync to take part in
-    bare.eval()
-    cm = torch.zeros((num_labels, num_labels), dtype=torch.float64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    order = np.argsort(rows["length"], kind="stable")
-    for start in range(0, len(order), batch_size):
-        batch = _to_device(rows, order[start : start + batch_size], device)
-        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-            out = bare(**batch)
-        loss_sum += out.loss.double() * len(batch["labels"])
-        pred = out.logits.argmax(dim=-1)
-        cm.index_put_((batch["labels"], pred), torch.ones_like(pred, dtype=torch.float64), accumulate=True)
-    count = torch.tensor(float(len(order)), dtype=torch.float64, device=device)
-    for t in (cm, loss_sum, count):
-        _all_reduce(t)
-    bare.train()
-    n = int(count.item())
-    return cm.cpu().numpy().astype(np.int64), float(loss_sum.item()) / max(n, 1), n
 
 
 def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
@@ -128,7 +102,8 @@ def _threads_for_reservation() -> None:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     _threads_for_reservation()
     cfg: RaypipeConfig = config_from_dict(config["cfg"])
-    labels: list[str] = config["labels"]
+    task = tasks.get(cfg.task)
+    schema: dict[str, Any] = config["schema"]
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -140,21 +115,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # --- model: fresh from the configured source, or the latest checkpoint after a restart ---
     torch.manual_seed(tc.seed)
-    model, tokenizer = build(cfg.model, labels)
+    model, tokenizer = build(cfg.model, schema, cfg.task)
     state: dict[str, Any] | None = None
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
-        from transformers import AutoModelForSequenceClassification
-
         with resumed.as_directory() as d:
-            model = AutoModelForSequenceClassification.from_pretrained(d, use_safetensors=True)
+            model = auto_class(cfg.task).from_pretrained(d, use_safetensors=True)
             state = load_train_state(d)
     model = ray.train.torch.prepare_model(model)
 
     # --- data: this worker's shards, held in memory; equal step counts on every worker ---
     train_rows = _collect(ray.train.get_dataset_shard("train"))
     val_rows = _collect(ray.train.get_dataset_shard("val"))
-    n_rows = torch.tensor(len(train_rows["labels"]), device=device)
+    n_rows = torch.tensor(num_rows(train_rows), device=device)
     _all_reduce(n_rows, torch.distributed.ReduceOp.MIN if _dist() else None)
     rows_per_worker = int(n_rows.item())  # DDP needs every worker to take the same steps
     batches_per_epoch = math.ceil(rows_per_worker / tc.batch_size)
@@ -208,14 +181,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(tc.seed * 100_003 + epoch * 101 + rank)
         rng = np.random.default_rng([tc.seed, epoch, rank])
         # Every worker uses rows_per_worker rows (the smallest shard) so all take the same steps.
-        keep = np.sort(rng.permutation(len(train_rows["labels"]))[:rows_per_worker])
+        keep = np.sort(rng.permutation(num_rows(train_rows))[:rows_per_worker])
         batches = [keep[b] for b in _batches(train_rows["length"][keep], tc.batch_size, rng, tc.length_grouping)]
 
         model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         last_print = t0
         for i, sel in enumerate(batches):
-            batch = _to_device(train_rows, sel, device)
+            batch = to_device(task, train_rows, sel, device)
             final_micro = (i + 1) % tc.grad_accum_steps == 0 or i + 1 == len(batches)
             sync = nullcontext() if final_micro or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
@@ -241,14 +214,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
         _all_reduce(totals)
-        cm, val_loss, _ = evaluate_rows(model, val_rows, len(labels), tc.eval_batch_size, device, amp)
-        scores = M.from_confusion(cm, labels)
+        scores = evaluate_rows(model, task, schema, val_rows, batch_size=tc.eval_batch_size, device=device,
+                               amp=amp, fit=True, all_reduce=_all_reduce, gather=_gather)
         metrics = {
             "epoch": epoch,
             "train_loss": float(totals[0] / max(totals[1], 1)),
-            "val_loss": val_loss,
-            "val_accuracy": scores["accuracy"],
-            "val_macro_f1": scores["macro_f1"],
+            **{f"val_{k}": float(v) for k, v in scores.metrics.items()},
             "lr": scheduler.get_last_lr()[0],
             "samples_per_s": float(totals[1]) / max(elapsed, 1e-9),
         }
@@ -258,9 +229,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             bad_epochs += 1
         history.append(metrics)
+        shown = "  ".join(f"val_{k} {v:.4f}" for k, v in scores.metrics.items())
         log(
-            f"[raypipe] epoch {epoch}/{tc.epochs}  train_loss {metrics['train_loss']:.4f}  "
-            f"val_loss {val_loss:.4f}  val_acc {scores['accuracy']:.4f}  val_f1 {scores['macro_f1']:.4f}  "
+            f"[raypipe] epoch {epoch}/{tc.epochs}  train_loss {metrics['train_loss']:.4f}  {shown}  "
             f"{metrics['samples_per_s']:.1f} samples/s  {elapsed:.1f}s"
         )
         stop = bool(tc.early_stopping and bad_epochs >= tc.early_stopping.patience)
@@ -273,13 +244,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(
                     target, model, tokenizer,
                     {
-                        "labels": labels,
+                        "task": task.name,
+                        # what this epoch fitted on validation (e.g. thresholds) goes with its weights
+                        "schema": {**schema, **scores.schema_update},
                         "max_length": cfg.data.max_length,
                         "epoch": epoch,
                         "metrics": metrics,
                         "history": history,
-                        "confusion": cm.tolist(),
-                        "per_class": scores["per_class"],
+                        "details": scores.details,
                         "early_stopped": stop,
                         "data_fingerprint": config.get("fingerprint"),
                         "config": config.get("config_record", config["cfg"]),

@@ -4,7 +4,8 @@ A raypipe checkpoint is a plain directory that is enough, on its own, to predict
 
     model.safetensors, config.json     weights (safetensors only) and the HF model config
     tokenizer.json, tokenizer_config.json, vocab.txt, ...   the tokenizer
-    raypipe.json                       labels, max_length, epoch, metrics, data fingerprint,
+    raypipe.json                       task + its schema (labels, thresholds, target scale, ...),
+                                       max_length, epoch, metrics, data fingerprint,
                                        the full raypipe config and version
     train_state.pt                     (training checkpoints only) optimizer/scheduler/progress;
                                        tensors and plain containers, loaded with weights_only=True
@@ -18,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from raypipe import tasks
 from raypipe.errors import CheckpointError, ConfigError, MissingExtraError
 
 META_FILE = "raypipe.json"
@@ -54,9 +56,16 @@ def unwrap(model: Any) -> Any:
     return getattr(model, "module", model)
 
 
-def build(model_cfg: Any, labels: list[str]) -> tuple[Any, Any]:
-    """Model with a fresh ``len(labels)``-way head, and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def auto_class(task: str | None) -> Any:
+    """The transformers Auto class that builds and loads the task's models."""
+    import transformers
+
+    return getattr(transformers, tasks.get(task).model_class)
+
+
+def build(model_cfg: Any, schema: dict[str, Any], task: str | None = None) -> tuple[Any, Any]:
+    """The pretrained model with a fresh head for ``task`` (sized by ``schema``), and its tokenizer."""
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     source = resolve_model_source(model_cfg.name)
@@ -66,11 +75,9 @@ def build(model_cfg: Any, labels: list[str]) -> tuple[Any, Any]:
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = auto_class(task).from_pretrained(
                 source,
-                num_labels=len(labels),
-                id2label=dict(enumerate(labels)),
-                label2id={label: i for i, label in enumerate(labels)},
+                **tasks.get(task).model_kwargs(schema),
                 ignore_mismatched_sizes=True,
                 use_safetensors=True,
                 **kwargs,
@@ -92,11 +99,12 @@ def save_checkpoint(
     meta: dict[str, Any],
     train_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a self-describing checkpoint dir. ``meta`` must hold at least ``labels``."""
+    """Write a self-describing checkpoint dir. ``meta`` must hold ``task`` and its ``schema``
+    (or, as before tasks existed, a classifier's ``labels``)."""
     import torch
 
-    if not meta.get("labels"):
-        raise ValueError("checkpoint meta needs 'labels'")
+    if not (meta.get("schema") or meta.get("labels")):
+        raise ValueError("checkpoint meta needs the task's 'schema' (a classifier's: its labels)")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     unwrap(model).save_pretrained(out, safe_serialization=True)
@@ -124,14 +132,21 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"'{meta_file}' is corrupt: {exc}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list) or not meta["labels"]:
-        raise CheckpointError(f"'{meta_file}' has no label list; the checkpoint is incomplete")
-    return meta
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"'{meta_file}' is not a JSON object (no task, no label list); the checkpoint is incomplete")
+    task, schema = tasks.schema_of(meta)
+    if task not in tasks.TASKS:
+        raise CheckpointError(f"'{meta_file}' is for task '{task}', which this raypipe does not know "
+                              f"({', '.join(tasks.names())}); upgrade raypipe")
+    problem = tasks.schema_problem(task, schema)
+    if problem:
+        raise CheckpointError(f"'{meta_file}' has {problem} for its {task} model; the checkpoint is incomplete")
+    return {**meta, "task": task, "schema": schema}
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, meta). Weights come from safetensors only."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     p = Path(path)
     meta = read_meta(p)
@@ -140,13 +155,15 @@ def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu") -> tuple[
         raise CheckpointError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(p)
-        model = AutoModelForSequenceClassification.from_pretrained(p, use_safetensors=True)
+        model = auto_class(meta["task"]).from_pretrained(p, use_safetensors=True)
     except Exception as exc:  # corrupt weights surface as several different error types
         raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {exc}") from None
-    if model.config.num_labels != len(meta["labels"]):
+    expected = tasks.get(meta["task"]).model_kwargs(meta["schema"]).get("num_labels")
+    if expected is not None and model.config.num_labels != expected:
         raise CheckpointError(
             f"checkpoint '{path}': model has {model.config.num_labels} outputs but "
-            f"{META_FILE} lists {len(meta['labels'])} labels"
+            f"{META_FILE} describes {expected} ({meta['task']}"
+            + (f", {len(meta['schema']['labels'])} labels)" if meta["schema"].get("labels") else ")")
         )
     model.to(device).eval()
     return model, tokenizer, meta

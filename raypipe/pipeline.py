@@ -1,8 +1,10 @@
 """The whole job in one call: (tune | train) -> evaluate -> register/promote -> serve -> sample.
 
-``raypipe run cfg.yaml`` and the quickstart notebook call :func:`run`. Each stage hands a value
-to the next (``TuneResult``/``TrainResult`` -> checkpoint -> model URI -> a served URL); no stage
-reaches into another's internals.
+``raypipe run cfg.yaml`` and the quickstart notebook call :func:`run`. The data is read and
+split once and handed to every stage. Each stage hands a value to the next
+(``TuneResult``/``TrainResult`` -> checkpoint -> ``EvalResult`` + ``RegisterResult`` -> a served
+URL); the sweep and the single-run branch are evaluated and registered the same way
+(:func:`evaluate_and_register`), and no stage reaches into another's internals.
 """
 
 from __future__ import annotations
@@ -35,18 +37,17 @@ class PipelineResult:
     def summary(self) -> str:
         cfg = self.cfg
         m = self.evaluation.metrics if self.evaluation else {}
-        lines = ["", "=" * 72, "raypipe pipeline summary", "=" * 72]
+        lines = ["", "=" * 72, f"raypipe pipeline summary ({cfg.task})", "=" * 72]
         if m:
-            lines.append(f"test accuracy   {m['test_accuracy']:.4f}     test macro-F1   {m['test_macro_f1']:.4f}"
-                         f"     ({self.evaluation.num_examples} held-out examples)")
+            shown = "   ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "test_loss")
+            lines.append(f"{shown}     ({self.evaluation.num_examples} held-out examples)")
         if self.tune is not None:
             t = self.tune
             lines.append(f"sweep           {t.sweep_name}: {len(t.trials)} trials, best {t.best_trial} "
                          f"({t.metric}={t.best_value:.4f})" if t.best_value is not None else f"sweep {t.sweep_name}")
             lines.append(f"                best config {t.best_config}")
             lines.append(f"MLflow runs     sweep (parent) {t.parent_run_id}")
-            best_run = next((x.get("mlflow_run_id") for x in t.trials if x["trial_id"] == t.best_trial), None)
-            lines.append(f"                best trial     {best_run}")
+            lines.append(f"                best trial     {t.best_run_id}")
         if self.train is not None:
             lines.append(f"MLflow runs     training       {self.train.mlflow_run_id}")
         if self.evaluation is not None:
@@ -58,8 +59,8 @@ class PipelineResult:
         if self.samples:
             lines.append(f"served at       {self.served_url}  — sample predictions over HTTP:")
             for s in self.samples:
-                mark = "ok " if s["label"] == s["expected"] else "MISS"
-                lines.append(f"  [{mark}] {s['label']:<14} {s['score']:.3f}  (true: {s['expected']})  {s['text'][:60]!r}")
+                mark = "ok " if s["ok"] else "MISS"
+                lines.append(f"  [{mark}] {s['predicted']:<22} (true: {s['expected']})  {s['input'][:60]!r}")
         lines += [
             "",
             "where things are",
@@ -79,6 +80,22 @@ class PipelineResult:
         return "\n".join(lines)
 
 
+def evaluate_and_register(cfg: RaypipeConfig, checkpoint: str, *, splits: Any, source_run_id: str | None,
+                          force: bool = False) -> tuple[Any, Any]:
+    """The best checkpoint of a training run or a sweep, evaluated on the held-out test split and
+    registered (the gate decides about the alias). The same for both, so a sweep's champion and a
+    single run's are judged alike."""
+    from raypipe.evaluation import run as evaluate
+    from raypipe.registration import run as register
+
+    print("[raypipe] evaluating the best checkpoint on the held-out test split")
+    evaluation = evaluate(checkpoint, cfg, splits=splits)
+    registration = register(checkpoint, cfg, force=force, evaluation=evaluation, source_run_id=source_run_id,
+                            fingerprint=splits.fingerprint)
+    print(registration.summary())
+    return evaluation, registration
+
+
 def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, samples: int = 5) -> PipelineResult:
     """Run every stage the config describes; serve the champion and query it when ``serve``."""
     from raypipe.data import load_splits
@@ -86,6 +103,7 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
 
     out = PipelineResult(cfg=cfg)
     clock = time.perf_counter()
+    stages = 3 if serve else 2
 
     def lap(stage: str) -> None:
         nonlocal clock
@@ -93,49 +111,52 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
         out.stage_seconds[stage] = now - clock
         clock = now
 
-    splits = load_splits(cfg.data)  # fail on bad data before any Ray work
+    cfg = cfg.with_absolute_paths()
+    splits = load_splits(cfg.data, cfg.task)  # once per run, and before any Ray work
+    for note in splits.notes:
+        print(f"[raypipe] data: {note}")
+    print(f"[raypipe] data: {splits.summary()}")
     started = ensure_ray(cfg)
     import ray
 
     out.dashboard_url = getattr(ray.get_runtime_context(), "dashboard_url", None) or _dashboard_url()
     lap("start")
     if cfg.tune.search_space:
-        print(f"[raypipe] stage 1/3: sweep of {cfg.tune.num_samples} trial(s) (tune.search_space)")
+        print(f"[raypipe] stage 1/{stages}: sweep of {cfg.tune.num_samples} trial(s) (tune.search_space)")
         from raypipe.tuning import run as tune
 
-        out.tune = tune(cfg)
-        out.evaluation, out.registration = out.tune.evaluation, out.tune.registration
-        lap("tune+evaluate+register")
+        out.tune = tune(cfg, splits=splits)
+        best, source_run = out.tune.best_checkpoint, out.tune.best_run_id
+        lap("tune")
     else:
-        print("[raypipe] stage 1/3: training (no tune.search_space given)")
-        from raypipe.evaluation import run as evaluate
-        from raypipe.registry import register_checkpoint
+        print(f"[raypipe] stage 1/{stages}: training (no tune.search_space given)")
         from raypipe.training import run as train
 
         out.train = train(cfg, splits=splits)
+        best, source_run = out.train.best_checkpoint, out.train.mlflow_run_id
         lap("train")
-        out.evaluation = evaluate(out.train.best_checkpoint, cfg)
-        out.registration = register_checkpoint(
-            out.train.best_checkpoint, cfg, metrics=out.evaluation.metrics,
-            source_run_id=out.train.mlflow_run_id, fingerprint=splits.fingerprint,
-        )
-        print(out.registration.summary())
-        lap("evaluate+register")
+    print(f"[raypipe] stage 2/{stages}: evaluate and register")
+    out.evaluation, out.registration = evaluate_and_register(cfg, best, splits=splits, source_run_id=source_run)
+    lap("evaluate+register")
     if serve and out.registration is not None:
-        print(f"[raypipe] stage 3/3: serving {out.champion_uri}")
+        print(f"[raypipe] stage 3/{stages}: serving {out.champion_uri}")
+        from raypipe import tasks
         from raypipe.client import predict_http
         from raypipe.serve import deploy
 
         served = deploy(cfg, out.champion_uri, progress=lambda m: print(f"[raypipe] serve: {m}"))
         out.served_url = served.url
         try:
-            picks = _sample(splits.test, samples, cfg.data.split_seed)
-            token = _token(cfg)
-            answer = predict_http(served.url, [t for t, _ in picks], token=token)
-            out.samples = [
-                {"text": text, "expected": expected, "label": p["label"], "score": p["score"]}
-                for (text, expected), p in zip(picks, answer["predictions"])
-            ]
+            task = tasks.get(splits.task)
+            picks = _sample(splits.test, task, samples, cfg.data.split_seed)
+            answer = predict_http(served.url, [inp for inp, _ in picks], token=_token(cfg))
+            schema = out.evaluation.schema
+            for (inp, expected), p in zip(picks, answer["predictions"]):
+                predicted = task.describe(p, schema)
+                shown_true, ok = task.judge(expected, p, schema)
+                text = inp if isinstance(inp, str) else " / ".join(inp)
+                out.samples.append({"input": text, "expected": shown_true, "predicted": predicted, "ok": ok,
+                                    "prediction": p})
         finally:
             if keep_serving:
                 print(f"[raypipe] still serving at {served.url} (Ctrl-C to stop)")
@@ -148,11 +169,21 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
     return out
 
 
-def _sample(frame: Any, n: int, seed: int) -> list[tuple[str, str]]:
-    """One text per class first, so the demo shows every label it can."""
-    picked = frame.groupby("label", sort=True).sample(n=1, random_state=seed)
-    rows = list(zip(picked["text"], picked["label"]))[:n]
-    return [(" ".join(t.split())[:500], label) for t, label in rows]
+def _sample(frame: Any, task: Any, n: int, seed: int) -> list[tuple[Any, Any]]:
+    """``n`` held-out examples as (input, target); one per stratum (class) first, so the demo
+    shows every label it can."""
+    key = task.stratify_key(frame)
+    if key is not None:
+        order = frame.assign(_k=key.to_numpy()).groupby("_k", sort=True).sample(n=1, random_state=seed)
+        rest = frame.drop(order.index)
+        picked = [*order.index, *rest.sample(frac=1.0, random_state=seed).index][:n]
+    else:
+        picked = list(frame.sample(n=min(n, len(frame)), random_state=seed).index)
+    rows = frame.loc[picked]
+    clip = lambda t: " ".join(t.split())[:500]  # noqa: E731
+    inputs = ([(clip(a), clip(b)) for a, b in zip(rows["text"], rows["text_pair"])] if "text_pair" in rows
+              else [clip(t) for t in rows["text"]])
+    return list(zip(inputs, rows["label"]))
 
 
 def _token(cfg: RaypipeConfig) -> str | None:

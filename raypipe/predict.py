@@ -1,16 +1,21 @@
-"""Offline prediction from a checkpoint dir or a ``models:/`` URI: no Ray, no HTTP.
+"""Offline prediction from a checkpoint dir: no Ray, no HTTP, no registry.
 
-Serving, evaluation and the MLflow pyfunc all call this same :class:`Predictor`, so every path
-gives the same labels and scores.
+Serving, evaluation, batch scoring and the MLflow pyfunc all call this same :class:`Predictor`,
+so every path gives the same answers. What an answer looks like is the task's
+(:mod:`raypipe.tasks`): ``{"label", "score", "probabilities"}`` for a classifier,
+``{"labels", "scores"}`` for multi-label, ``{"value"}`` for regression. A ``models:/`` URI is
+resolved to a local dir first, by :func:`raypipe.registry.load_predictor`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from raypipe import tasks
 from raypipe.errors import DataError
 
 
@@ -20,7 +25,10 @@ class Predictor:
         self.tokenizer = tokenizer
         self.meta = meta
         self.device = device
-        self.labels: list[str] = list(meta["labels"])
+        task, schema = tasks.schema_of(meta)
+        self.task = tasks.get(task)
+        self.schema: dict[str, Any] = schema
+        self.labels: list[str] = list(schema.get("labels") or [])
         self.max_length: int = int(meta.get("max_length", 512))
 
     @classmethod
@@ -32,70 +40,55 @@ class Predictor:
         meta = {**meta, "path": str(Path(path).resolve())}
         return cls(model, tokenizer, meta, device=dev)
 
-    @classmethod
-    def from_uri(cls, uri: str, device: str = "auto", tracking_uri: str | None = None) -> Predictor:
-        """A checkpoint dir, or ``models:/name@alias`` / ``models:/name/3`` from the registry."""
-        if uri.startswith("models:/"):
-            from raypipe.registry import resolve
+    @property
+    def pair(self) -> bool:
+        """Whether the model compares two texts (inputs are ``(a, b)`` pairs)."""
+        return self.schema.get("inputs") == "pair"
 
-            resolved = resolve(uri, tracking_uri=tracking_uri)
-            pred = cls.from_dir(resolved.path, device=device)
-            pred.meta.update(resolved.as_meta())
-            return pred
-        return cls.from_dir(uri, device=device)
+    def check_inputs(self, inputs: Sequence[Any]) -> list[Any]:
+        """The inputs as the model takes them, or a DataError saying what is wrong."""
+        return self.task.check_inputs(inputs, self.schema)
 
-    @staticmethod
-    def check_texts(texts: Sequence[Any]) -> list[str]:
-        if isinstance(texts, str):
-            raise DataError("pass a list of texts, not a single string")
-        out = []
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise DataError(f"text {i} is {type(t).__name__}, expected a string")
-            if not t.strip():
-                raise DataError(f"text {i} is empty or whitespace only")
-            out.append(t)
-        if not out:
-            raise DataError("no texts given")
-        return out
+    def check_texts(self, texts: Sequence[Any]) -> list[Any]:  # the name callers used before pairs
+        return self.check_inputs(texts)
 
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> Any:
-        """Class probabilities, shape (len(texts), num_labels), as a float32 numpy array."""
-        import numpy as np
-        import torch
+    def predict(self, inputs: Sequence[Any], top_k: int | None = None, batch_size: int = 64) -> list[dict[str, Any]]:
+        """One answer per input (a text, or an ``(a, b)`` pair for a pair model)."""
+        items = self.check_inputs(inputs)
+        options = {} if top_k is None else {"top_k": top_k}
+        return self.task.predict(self.model, self.tokenizer, items, self.schema,
+                                 max_length=self.max_length, batch_size=batch_size, **options)
 
-        texts = self.check_texts(texts)
-        # Sort by length so each batch pads only to its own longest text.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        probs = np.empty((len(texts), len(self.labels)), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                enc = self.tokenizer(
-                    [texts[i] for i in idx],
-                    truncation=True,
-                    max_length=self.max_length,
-                    padding=True,
-                    return_tensors="pt",
-                ).to(self.device)
-                logits = self.model(**enc).logits.float()
-                probs[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
-        return probs
+    def predict_proba(self, inputs: Sequence[Any], batch_size: int = 64) -> Any:
+        """Class probabilities, shape (len(inputs), num_labels), float32 — for the tasks that
+        have them (softmax for classification, one sigmoid per label for multi-label)."""
+        probabilities = getattr(self.task, "probabilities", None)
+        if probabilities is None:
+            raise DataError(f"a {self.task.name} model has no class probabilities; use predict()")
+        from raypipe.tasks._text import forward_logits
 
-    def predict(
-        self, texts: Sequence[str], top_k: int | None = None, batch_size: int = 64
-    ) -> list[dict[str, Any]]:
-        """For each text: label, score, and the probability of every class (or the top k)."""
-        probs = self.predict_proba(texts, batch_size=batch_size)
-        return [self._describe(row, top_k) for row in probs]
+        items = self.check_inputs(inputs)
+        return probabilities(forward_logits(self.model, self.tokenizer, items, self.schema,
+                                            max_length=self.max_length, batch_size=batch_size))
 
-    def _describe(self, row: Any, top_k: int | None) -> dict[str, Any]:
-        ranked = sorted(range(len(self.labels)), key=lambda j: -float(row[j]))
-        if top_k is not None:
-            ranked = ranked[:top_k]
-        best = ranked[0]
-        return {
-            "label": self.labels[best],
-            "score": float(row[best]),
-            "probabilities": {self.labels[j]: float(row[j]) for j in ranked},
-        }
+    def warmup_inputs(self) -> list[Any]:
+        """A short and a maximal input: the first forward pass pays for lazy initialisation, and a
+        model that cannot take its longest input should fail at load time, not under traffic."""
+        short, long = "warm-up", "warm-up " * self.max_length
+        return [(short, short), (long, long)] if self.pair else [short, long]
+
+
+def check_finite(predictions: Any) -> None:
+    """Raise when an answer holds NaN or inf anywhere (a broken model, e.g. after a bad swap)."""
+
+    def walk(v: Any) -> None:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise RuntimeError("the model returned NaN or inf")
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    walk(predictions)

@@ -1,4 +1,7 @@
-"""The only MLflow Model Registry code in raypipe: register, promote, resolve, list.
+"""The only MLflow Model Registry code in raypipe: add versions, promote, resolve, list.
+
+Registering a checkpoint as a stage (evaluate it if needed, package it as a pyfunc, add the
+version, run the gate) is :mod:`raypipe.registration`; this module only talks to the registry.
 
 Layout of a registered version (one copy of the weights, inside the run that registered it)::
 
@@ -19,10 +22,11 @@ behind (DESIGN.md), and ``mlflow.pyfunc.log_model`` in MLflow 3 writes to a sepa
 Every call here goes through an explicit ``MlflowClient``, so no global MLflow run state is
 touched.
 
-Version tags (what ``raypipe models`` shows and the promotion gate reads):
-``test_accuracy``, ``test_macro_f1`` (when known), ``raypipe.source_run``,
-``raypipe.data_fingerprint``, ``raypipe.version``, ``raypipe.checkpoint``, ``raypipe.labels``,
-``raypipe.eval_run``, ``raypipe.promotion`` (promoted|rejected) and ``raypipe.promotion_reason``.
+Version tags (what ``raypipe models`` shows and the promotion gate reads): the task's test
+metrics (``test_accuracy``, ``test_macro_f1``, ``test_rmse``, ... when known),
+``raypipe.task``, ``raypipe.source_run``, ``raypipe.data_fingerprint``, ``raypipe.version``,
+``raypipe.checkpoint``, ``raypipe.labels`` (label tasks), ``raypipe.eval_run``,
+``raypipe.promotion`` (promoted|rejected) and ``raypipe.promotion_reason``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,12 +45,12 @@ from typing import Any
 from raypipe.errors import CheckpointError, RegistryError
 
 MODEL_ARTIFACT_PATH = "model"
-METRIC_KEYS = ("test_accuracy", "test_macro_f1")
 TAG_SOURCE_RUN = "raypipe.source_run"
 TAG_FINGERPRINT = "raypipe.data_fingerprint"
 TAG_RAYPIPE_VERSION = "raypipe.version"
 TAG_CHECKPOINT = "raypipe.checkpoint"
 TAG_LABELS = "raypipe.labels"
+TAG_TASK = "raypipe.task"
 TAG_EVAL_RUN = "raypipe.eval_run"
 TAG_PROMOTION = "raypipe.promotion"
 TAG_PROMOTION_REASON = "raypipe.promotion_reason"
@@ -381,6 +384,18 @@ def resolve(uri: str | os.PathLike[str], tracking_uri: str | None = None) -> Res
     return ResolvedModel(path=str(path), name=name, version=str(mv.version), run_id=mv.run_id, alias=alias)
 
 
+def load_predictor(uri: str | os.PathLike[str], tracking_uri: str | None = None, device: str = "auto") -> Any:
+    """A :class:`~raypipe.predict.Predictor` for a checkpoint dir or a ``models:/`` URI, whose
+    ``meta`` names the registered model, version and run it came from."""
+    from raypipe.predict import Predictor
+
+    resolved = resolve(uri, tracking_uri=tracking_uri)
+    predictor = Predictor.from_dir(resolved.path, device=device)
+    if resolved.name is not None:
+        predictor.meta.update(resolved.as_meta())
+    return predictor
+
+
 # --------------------------------------------------------------------------- promotion
 
 
@@ -407,15 +422,19 @@ def promote(
     min_improvement: float = 0.0,
     force: bool = False,
 ) -> PromotionDecision:
-    """Move ``alias`` to ``version`` only if it beats the current holder on ``metric_name``.
+    """Move ``alias`` to ``version`` only if it beats the current holder on ``metric_name``
+    (higher for scores, lower for losses and errors such as ``test_rmse``).
 
     The holder's score is read from its own version tag, so the comparison survives restarts and
     works for versions registered by other machines. A holder without that tag cannot be compared
     and is kept (the safe choice); ``force`` moves the alias regardless. The decision is tagged
     on the version so ``raypipe models`` and the MLflow UI show why a version is (not) serving.
     """
+    from raypipe.tasks import direction
+
     version = str(version)
     value = _as_float(value)
+    lower = direction(metric_name) == "min"
     if value is not None:
         client.set_model_version_tag(name, version, metric_name, repr(value))
     holder = _alias_holder(client, name, alias)
@@ -443,15 +462,16 @@ def promote(
             f"@{alias} holder v{prev_version} has no {metric_name} tag to compare against, so it is "
             f"kept; evaluate it or use --force"
         )
-    elif value > prev_value + min_improvement:
+    elif (prev_value - value if lower else value - prev_value) > min_improvement:
         promoted, reason = True, (
             f"{metric_name} {value:.4f} beats @{alias} v{prev_version} ({prev_value:.4f}) by "
-            f"{value - prev_value:+.4f} (needed > {min_improvement:g})"
+            f"{value - prev_value:+.4f} (needed {'<' if lower else '>'} {-min_improvement if lower else min_improvement:g})"
         )
     else:
         promoted, reason = False, (
             f"{metric_name} {value:.4f} does not beat @{alias} v{prev_version} ({prev_value:.4f}) by "
-            f"more than {min_improvement:g}; @{alias} stays on v{prev_version}"
+            f"more than {min_improvement:g} ({'lower' if lower else 'higher'} is better); "
+            f"@{alias} stays on v{prev_version}"
         )
     if promoted and prev_version != version:
         client.set_registered_model_alias(name, alias, version)
@@ -472,15 +492,6 @@ def promote(
 # --------------------------------------------------------------------------- register
 
 
-def _check_checkpoint(path: Path) -> dict[str, Any]:
-    """Everything that can be wrong with the checkpoint is found here, before the registry is
-    touched: the meta file, the weights, the tokenizer and the label count must all load."""
-    from raypipe.model import load_checkpoint
-
-    _model, _tokenizer, meta = load_checkpoint(path, device="cpu")
-    return meta
-
-
 def _free_artifact_path(client: Any, run_id: str) -> str:
     """``model``, or ``model-2``... when the run already holds a registered model (re-registering
     a training run must not overwrite the files an earlier version points at)."""
@@ -493,7 +504,7 @@ def _free_artifact_path(client: Any, run_id: str) -> str:
     return f"{MODEL_ARTIFACT_PATH}-{n}"
 
 
-def _clean_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
+def clean_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in (metrics or {}).items():
         if value is None:
@@ -505,47 +516,41 @@ def _clean_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def register_checkpoint(
-    path: str | os.PathLike[str],
+def check_task(cfg: Any, name: str, task: str) -> None:
+    """A registered model holds one kind of model: a regression version must not take the alias
+    of a classifier (clients of ``models:/name@champion`` expect one answer shape)."""
+    uri = cfg.resolved_tracking_uri
+    if _store_missing(uri):
+        return
+    client = _client(uri)
+    for mv in _versions(client, name)[:1]:
+        other = (mv.tags or {}).get(TAG_TASK, "classification")
+        if other != task:
+            raise RegistryError(
+                f"registered model '{name}' holds {other} models (version {mv.version}); this checkpoint is "
+                f"a {task} model. Register it under another name (registry.model_name or --name)."
+            )
+
+
+def add_version(
     cfg: Any,
-    name: str | None = None,
+    name: str,
+    model_dir: str | os.PathLike[str],
+    *,
+    checkpoint: str,
+    meta: dict[str, Any],
+    metrics: dict[str, float],
     force: bool = False,
-    metrics: dict[str, float] | None = None,
     source_run_id: str | None = None,
     fingerprint: str | None = None,
+    eval_run_id: str | None = None,
 ) -> RegisterResult:
-    """Register a checkpoint dir as a new version of ``name`` and run the promotion gate.
-
-    Order matters: the name and the checkpoint are checked, and the missing promotion metric is
-    computed (``raypipe.evaluation.run`` on the config's test split), before anything is written
-    to the registry, so a bad checkpoint or bad data leaves no empty model or stray version.
-    ``source_run_id`` (the training run) receives the model artifacts; without it a "register"
-    run is created in ``cfg.tracking.experiment``.
-    """
+    """Log ``model_dir`` (an MLflow model dir) to the source run (or a new "register" run),
+    create a version of ``name`` from it, tag it, and run the promotion gate."""
     from mlflow.exceptions import MlflowException
 
     from raypipe import __version__
-    from raypipe.pyfunc import save as save_pyfunc
     from raypipe.tracking import configure, version_tags
-
-    name = check_model_name(name or cfg.registry.model_name)
-    ckpt = Path(path).expanduser()
-    if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint '{path}' is not a directory")
-    ckpt = ckpt.resolve()
-    meta = _check_checkpoint(ckpt)
-    metrics = _clean_metrics(metrics)
-    gate = cfg.registry.promotion_metric
-    eval_run_id = None
-    if gate not in metrics and cfg.data.path:
-        from raypipe.evaluation import run as evaluate
-
-        print(f"register: no {gate} given; evaluating {ckpt} on the config's test split for the promotion gate")
-        evaluated = evaluate(str(ckpt), cfg, log_to_mlflow=True)
-        metrics = {**evaluated.metrics, **metrics}
-        fingerprint = fingerprint or evaluated.fingerprint
-        eval_run_id = evaluated.run_id
-    fingerprint = fingerprint or meta.get("data_fingerprint") or meta.get("fingerprint")
 
     uri = cfg.resolved_tracking_uri
     try:
@@ -562,37 +567,34 @@ def register_checkpoint(
     run_id: str | None = source_run_id
     created_model = False
     version: str | None = None
+    gate = cfg.registry.promotion_metric
     try:
         if own_run:
             run = client.create_run(
                 experiment_id,
                 run_name=f"{cfg.name}-register",
-                tags={**version_tags(cfg, fingerprint), "raypipe.stage": "register", TAG_CHECKPOINT: str(ckpt)},
+                tags={**version_tags(cfg, fingerprint), "raypipe.stage": "register", TAG_CHECKPOINT: checkpoint},
             )
             run_id = run.info.run_id
             for key, value in metrics.items():
                 client.log_metric(run_id, key, value)
         artifact_path = _free_artifact_path(client, run_id)
-        with tempfile.TemporaryDirectory(prefix="raypipe-register-") as tmp:
-            model_dir = save_pyfunc(
-                ckpt,
-                Path(tmp) / MODEL_ARTIFACT_PATH,
-                metadata={"raypipe_version": __version__, "labels": list(meta["labels"])},
-            )
-            client.log_artifacts(run_id, str(model_dir), artifact_path)
+        client.log_artifacts(run_id, str(model_dir), artifact_path)
         source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
         try:
-            client.create_registered_model(name, description="Text classifier registered by raypipe.")
+            client.create_registered_model(name, description=f"{meta['task']} model registered by raypipe.")
             created_model = True
         except MlflowException as exc:
             if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                 raise
+        labels = meta["schema"].get("labels")
         tags = {
             TAG_SOURCE_RUN: run_id,
             TAG_RAYPIPE_VERSION: __version__,
-            TAG_CHECKPOINT: str(ckpt),
-            TAG_LABELS: ",".join(map(str, meta["labels"])),
-            **{k: repr(v) for k, v in metrics.items() if k in METRIC_KEYS},
+            TAG_CHECKPOINT: checkpoint,
+            TAG_TASK: meta["task"],
+            **({TAG_LABELS: ",".join(map(str, labels))[:5000]} if labels else {}),
+            **{k: repr(v) for k, v in metrics.items() if k.startswith("test_") and k != "test_loss"},
         }
         if fingerprint:
             tags[TAG_FINGERPRINT] = str(fingerprint)
@@ -626,7 +628,7 @@ def register_checkpoint(
         version=version,
         run_id=run_id,
         source=source,
-        checkpoint=str(ckpt),
+        checkpoint=checkpoint,
         decision=decision,
         metrics=metrics,
         fingerprint=fingerprint,
@@ -673,11 +675,15 @@ def list_models(cfg: Any, name: str | None = None, missing_ok: bool = True) -> s
     try:
         models = [_registered_model(client, name)] if name else sorted(_all_registered_models(client), key=lambda m: m.name)
         rows = []
+        versions = {rm.name: _versions(client, rm.name) for rm in models}
+        # One column per test metric any listed version carries, in the order tasks report them.
+        tagged = {k for vs in versions.values() for mv in vs for k in (mv.tags or {}) if k.startswith("test_")}
+        metric_cols = sorted(tagged, key=lambda k: (_metric_order(k), k))
         for rm in models:
             by_version: dict[str, list[str]] = {}
             for alias, v in (getattr(rm, "aliases", {}) or {}).items():
                 by_version.setdefault(str(v), []).append(f"@{alias}")
-            for mv in _versions(client, rm.name):
+            for mv in versions[rm.name]:
                 tags = mv.tags or {}
                 created = datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M")
                 rows.append(
@@ -685,8 +691,9 @@ def list_models(cfg: Any, name: str | None = None, missing_ok: bool = True) -> s
                         rm.name,
                         str(mv.version),
                         " ".join(sorted(by_version.get(str(mv.version), []))) or "-",
-                        *(_fmt_metric(tags.get(k)) for k in METRIC_KEYS),
+                        *(_fmt_metric(tags.get(k)) for k in metric_cols),
                         tags.get(TAG_PROMOTION, "-"),
+                        tags.get(TAG_TASK, "classification"),
                         mv.run_id or "-",
                         created,
                     ]
@@ -695,8 +702,19 @@ def list_models(cfg: Any, name: str | None = None, missing_ok: bool = True) -> s
         raise _mlflow_error("listing models", uri, exc) from None
     if not rows:
         return f"No registered models in {redact_uri(uri)}."
-    table = _table(["MODEL", "VERSION", "ALIASES", *METRIC_KEYS, "PROMOTION", "SOURCE RUN", "CREATED"], rows)
+    table = _table(["MODEL", "VERSION", "ALIASES", *metric_cols, "PROMOTION", "TASK", "SOURCE RUN", "CREATED"], rows)
     return f"{table}\n\nStore: {redact_uri(uri)}   Use models:/NAME/VERSION or models:/NAME@ALIAS."
+
+
+def _metric_order(key: str) -> int:
+    from raypipe import tasks
+
+    base = tasks.strip_split(key)
+    for name in tasks.names():
+        order = list(tasks.get(name).metrics)
+        if base in order:
+            return order.index(base)
+    return len(key)
 
 
 def _fmt_metric(value: Any) -> str:
@@ -713,7 +731,8 @@ __all__ = [
     "default_tracking_uri",
     "list_models",
     "parse_models_uri",
+    "add_version",
+    "load_predictor",
     "promote",
-    "register_checkpoint",
     "resolve",
 ]

@@ -14,7 +14,7 @@ How a replica works
       the new model is loaded and warmed up in a worker thread while the old one keeps
       answering, then one reference assignment swaps them (no failed request in between).
     * ``POST /predict`` goes through ``@serve.batch``: one batch item is one request's list of
-      texts, sized by its number of texts, so ``serve.max_batch_size`` counts texts. A request
+      inputs (texts or pairs), sized by their number, so ``serve.max_batch_size`` counts inputs. A request
       is never split across batches, so it is answered by exactly one model, even mid-swap.
     * Inference runs on one dedicated thread (one batch at a time per replica, which is what
       the device can do anyway); the event loop stays free for /health, /ready and queuing.
@@ -87,7 +87,7 @@ class ModelSpec(BaseModel):
     )
 
 
-def _count_texts(requests: list[list[str]]) -> int:
+def _count_texts(requests: list[list[Any]]) -> int:
     return sum(len(texts) for texts in requests)
 
 
@@ -151,7 +151,7 @@ class ModelService:
 
     # --- prediction --------------------------------------------------------------------
 
-    async def predict(self, texts: list[str]) -> tuple[list[dict[str, Any]], Any]:
+    async def predict(self, texts: list[Any]) -> tuple[list[dict[str, Any]], Any]:
         """The app's predict_fn: through the batcher, unless the request is a batch by itself."""
         if len(texts) > self.cfg.max_batch_size:
             # serve.batch rejects an item larger than a whole batch; such a request already
@@ -160,10 +160,10 @@ class ModelService:
         return await self._predict_batch(texts)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_count_texts)
-    async def _predict_batch(self, requests: list[list[str]]) -> list[tuple[list[dict[str, Any]], Any]]:
+    async def _predict_batch(self, requests: list[list[Any]]) -> list[tuple[list[dict[str, Any]], Any]]:
         return await self._run(requests)
 
-    async def _run(self, requests: list[list[str]]) -> list[tuple[list[dict[str, Any]], Any]]:
+    async def _run(self, requests: list[list[Any]]) -> list[tuple[list[dict[str, Any]], Any]]:
         predictor = self.slot()  # one model for the whole batch, even if a swap lands meanwhile
         if predictor is None:
             raise ApiError(503, "the model is not loaded yet; retry shortly",
@@ -198,9 +198,9 @@ class ModelService:
 
     @staticmethod
     def _load(spec: ModelSpec) -> Any:
-        from raypipe.predict import Predictor
+        from raypipe.registry import load_predictor
 
-        predictor = Predictor.from_uri(spec.model_uri, tracking_uri=spec.tracking_uri)
+        predictor = load_predictor(spec.model_uri, tracking_uri=spec.tracking_uri)
         warm_up(predictor)
         return predictor
 

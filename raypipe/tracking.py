@@ -6,9 +6,11 @@ Ray's own ``MLflowLoggerCallback`` (see ``raypipe.tuning``), configured with the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -191,3 +193,258 @@ def train_callback(tracking_uri: str, run_id: str) -> Any:
             client.set_tag(run_id, "raypipe.last_worker_error", repr(first)[:4000])
 
     return MLflowEpochCallback()
+
+
+# --------------------------------------------------------------------------- runs of each stage
+#
+# Every MLflow call of the stages goes through the functions below (the registry's through
+# raypipe.registry), each with an explicit MlflowClient: no fluent "active run" is touched, so
+# stages can run inside a notebook's or a pipeline's own MLflow run without nesting surprises.
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def _log_figures(client: Any, run_id: str, figures: dict[str, Any], folder: str) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        for name, fig in figures.items():
+            client.log_figure(run_id, fig, f"{folder}/{name}")
+    finally:
+        for fig in figures.values():
+            plt.close(fig)
+
+
+def start_training_run(cfg: Any, splits: Any, run_name: str) -> str:
+    """The MLflow run of one training run: flattened config (secrets redacted) as params,
+    versions / git SHA / data fingerprint as tags."""
+    from raypipe.config import flatten
+
+    client, exp_id = configure(cfg)
+    tags = {
+        **version_tags(cfg, splits.fingerprint),
+        "raypipe.stage": "train",
+        "raypipe.task": cfg.task,
+        "raypipe.ray_run": run_name,
+        "mlflow.runName": cfg.tracking.run_name or run_name,
+    }
+    run = client.create_run(exp_id, tags=tags, run_name=cfg.tracking.run_name or run_name)
+    params = safe_params(flatten(cfg.model_dump(mode="json")))
+    params["data.train_size"] = str(len(splits.train))
+    if splits.labels:
+        params["data.num_labels"] = str(len(splits.labels))
+    _log_params(client, run.info.run_id, params)
+    print(f"[raypipe] MLflow run {run.info.run_id} in experiment '{cfg.tracking.experiment}'")
+    return run.info.run_id
+
+
+def finish_training_run(cfg: Any, run_id: str, out: Any) -> None:
+    """After ``fit``: curves, the task's validation figures, the config and schema, the best
+    checkpoint as artifacts; best metric; FINISHED."""
+    import shutil
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from raypipe import plots, tasks
+    from raypipe.model import TRAIN_STATE_FILE, read_meta
+
+    client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
+    logger = EpochLogger(cfg.resolved_tracking_uri, run_id)
+    for epoch_metrics in out.history:  # local mode has no callbacks; elsewhere this is a no-op
+        logger.log(epoch_metrics)
+    figures: dict[str, Any] = {}
+    if out.history:
+        figures["learning_curves.png"] = plots.learning_curves(out.history, title=out.run_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        (t / "config.yaml").write_text(yaml.safe_dump(redact_config(cfg.model_dump(mode="json")), sort_keys=False))
+        (t / "schema.json").write_text(json.dumps({"task": out.task, **out.schema}, indent=2, default=str))
+        client.log_artifact(run_id, str(t / "config.yaml"))
+        client.log_artifact(run_id, str(t / "schema.json"))
+        if out.best_checkpoint:
+            meta = read_meta(out.best_checkpoint)
+            if meta.get("details"):
+                task = tasks.get(meta["task"])
+                scores = tasks.Scores(metrics={}, details=meta["details"])
+                figures.update(task.figures(scores, meta["schema"], f"validation, epoch {meta.get('epoch')}"))
+            if cfg.tracking.log_checkpoint:
+                ckpt = t / "checkpoint"
+                shutil.copytree(out.best_checkpoint, ckpt, ignore=shutil.ignore_patterns(TRAIN_STATE_FILE))
+                client.log_artifacts(run_id, str(ckpt), "checkpoint")
+    _log_figures(client, run_id, figures, "plots")
+    if out.best_value is not None:
+        client.log_metric(run_id, f"best_{out.metric}", out.best_value)
+    client.set_tag(run_id, "raypipe.best_checkpoint", out.best_checkpoint or "")
+    client.set_tag(run_id, "raypipe.early_stopped", str(out.early_stopped).lower())
+    client.set_terminated(run_id, "FINISHED")
+
+
+def fail_training_run(cfg: Any, run_id: str, exc: Exception, best: str | None) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
+    client.set_tag(run_id, "raypipe.error", repr(exc)[:4000])
+    client.set_tag(run_id, "raypipe.best_checkpoint", best or "")
+    client.set_terminated(run_id, "FAILED")
+
+
+def _metric_key(text: str) -> str:
+    """MLflow metric names allow letters, digits, ``_ - . / space``; labels may hold anything."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)
+
+
+def log_evaluation(cfg: Any, result: Any) -> str:
+    """One "evaluate" run: the test metrics (and per-class/per-label ones), the task's figures
+    titled with the model's name, and the JSON report."""
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    client, experiment_id = configure(cfg)
+    tags = {**version_tags(cfg, result.fingerprint), "raypipe.stage": "evaluate", "raypipe.task": result.task}
+    run = client.create_run(experiment_id, run_name=f"{cfg.name}-evaluate", tags=tags)
+    run_id = run.info.run_id
+    try:
+        meta = result.model_meta
+        params = {
+            "model_uri": redact_uri(result.model_uri),
+            "model_path": meta.get("path"),
+            "model_name": meta.get("model_name"),
+            "model_version": meta.get("model_version"),
+            "model_run_id": meta.get("run_id"),
+            "data": result.data,
+            "data.fingerprint": result.fingerprint,
+            "num_examples": result.num_examples,
+            "task": result.task,
+        }
+        if result.labels:
+            params["labels"] = ",".join(result.labels)
+        now = int(time.time() * 1000)
+        metrics = dict(result.metrics)
+        for label, pc in result.per_class.items():
+            for key in ("precision", "recall", "f1"):
+                metrics[_metric_key(f"test_{key}.{label}")] = pc[key]
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            params=[Param(k, v) for k, v in safe_params({k: v for k, v in params.items() if v is not None}).items()],
+        )
+        _log_figures(client, run_id, result.figures(), "evaluation")
+        client.log_dict(run_id, result.to_dict(), "evaluation/report.json")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str) -> Any:
+    """Ray's MLflowLoggerCallback, made restart-safe: a resumed sweep finds a trial's existing
+    run instead of opening a second one, and steps are epochs, each logged once."""
+    from mlflow.tracking import MlflowClient
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class TrialLogger(MLflowLoggerCallback):
+        def log_trial_start(self, trial: Any) -> None:
+            if trial not in self._trial_runs:
+                client = MlflowClient(tracking_uri=tracking_uri)
+                exp = client.get_experiment_by_name(experiment)
+                found = client.search_runs(
+                    [exp.experiment_id],
+                    filter_string=f"tags.trial_name = '{trial}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                )
+                if found:
+                    self._trial_runs[trial] = found[0].info.run_id
+            super().log_trial_start(trial)
+
+        def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+            if "epoch" not in result:
+                return
+            run_id = self._trial_runs[trial]
+            steps = self._steps.setdefault(run_id, None)
+            if steps is None:
+                hist = MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, "val_loss")
+                steps = self._steps[run_id] = {m.step for m in hist}
+            step = int(result["epoch"])
+            if step in steps:
+                return
+            keep = {k: v for k, v in result.items() if k.startswith(("val_", "train_")) or k in ("lr", "samples_per_s")}
+            self.mlflow_util.log_metrics(run_id=run_id, metrics_to_log=keep, step=step)
+            steps.add(step)
+
+        def setup(self, *args: Any, **kwargs: Any) -> None:
+            super().setup(*args, **kwargs)
+            self._steps: dict[str, set[int] | None] = {}
+
+    return TrialLogger(
+        tracking_uri=tracking_uri,
+        experiment_name=experiment,
+        tags={"mlflow.parentRunId": parent_run_id, "raypipe.stage": "trial"},
+    )
+
+
+def start_sweep_run(cfg: Any, client: Any, exp_id: str, sweep_name: str, fingerprint: str) -> str:
+    run = client.create_run(
+        exp_id,
+        run_name=sweep_name,
+        tags={**version_tags(cfg, fingerprint), "raypipe.stage": "sweep", "raypipe.sweep": sweep_name,
+              "raypipe.task": cfg.task},
+    )
+    rid = run.info.run_id
+    s = cfg.tune
+    for key, value in {
+        "tune.search_space": json.dumps(s.search_space),
+        "tune.num_samples": s.num_samples,
+        "tune.metric": s.metric,
+        "tune.mode": s.resolved_mode,
+        "tune.scheduler": json.dumps(s.scheduler.model_dump()),
+        "tune.search_alg": s.search_alg,
+        "model.name": cfg.model.name,
+        "data.path": redact_uri(str(cfg.data.path)),
+    }.items():
+        client.log_param(rid, key, str(value))
+    print(f"[raypipe] MLflow parent run {rid} for sweep {sweep_name}")
+    return rid
+
+
+def finish_sweep_run(cfg: Any, client: Any, result: Any) -> None:
+    from raypipe import plots
+
+    rid = result.parent_run_id
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{rid}'")
+    by_trial = {r.data.tags.get("trial_name", ""): r for r in children}
+    for t in result.trials:
+        run = next((r for name, r in by_trial.items() if name.endswith(t["trial_id"])), None)
+        if run is not None:
+            client.set_tag(run.info.run_id, "raypipe.trial_status", t["status"])
+            client.set_tag(run.info.run_id, "raypipe.train_run", t["train_run"])
+            t["mlflow_run_id"] = run.info.run_id
+    if result.best_value is not None:
+        client.log_metric(rid, f"best_{result.metric}", float(result.best_value))
+    client.set_tag(rid, "raypipe.best_trial", str(result.best_trial))
+    client.set_tag(rid, "raypipe.best_checkpoint", str(result.best_checkpoint))
+    client.set_tag(rid, "raypipe.trials", str(len(result.trials)))
+    client.set_tag(rid, "raypipe.trials_early_stopped", str(sum(t["status"] == "early_stopped" for t in result.trials)))
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "trials.json"
+        table.write_text(json.dumps(result.trials, indent=2, default=str))
+        client.log_artifact(rid, str(table))
+        if result.trials and cfg.tune.search_space:
+            fig = plots.sweep(result.trials, list(cfg.tune.search_space), result.metric)
+            fig.savefig(Path(tmp) / "sweep.png", dpi=110)
+            client.log_artifact(rid, str(Path(tmp) / "sweep.png"), "plots")
+            import matplotlib.pyplot as plt
+
+            plt.close("all")
+    client.set_terminated(rid, "FINISHED")

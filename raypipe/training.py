@@ -7,21 +7,17 @@ everything it can (data, model source, resources) before any Ray work starts, th
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from raypipe.config import RaypipeConfig, flatten
+from raypipe.config import RaypipeConfig
 from raypipe.data import Splits, load_splits, to_ray_dataset
 from raypipe.errors import TrainingError
-from raypipe.model import TRAIN_STATE_FILE, read_meta, resolve_model_source
-from raypipe.tracking import redact_config, redact_uri, safe_params, ui_hint
+from raypipe.model import read_meta, resolve_model_source
+from raypipe.tracking import redact_config, redact_uri, ui_hint
 
 
 @dataclass
@@ -34,11 +30,16 @@ class TrainResult:
     metric: str
     best_value: float | None
     history: list[dict[str, float]] = field(default_factory=list)
-    labels: list[str] = field(default_factory=list)
+    task: str = "classification"
+    schema: dict[str, Any] = field(default_factory=dict)
     fingerprint: str | None = None
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     early_stopped: bool = False
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.schema.get("labels") or [])
 
     def summary(self) -> str:
         lines = [
@@ -86,7 +87,7 @@ def build_trainer(
     from raypipe.runtime import WORKER_ENV, worker_resources
 
     tree = cfg.model_dump(mode="json")
-    loop_config = {"cfg": tree, "labels": splits.labels, "fingerprint": splits.fingerprint,
+    loop_config = {"cfg": tree, "schema": splits.schema, "fingerprint": splits.fingerprint,
                    "config_record": redact_config(tree)}  # what checkpoints record: no credentials
     if cfg.scaling.num_workers == 0:
         loop_config["local_checkpoint_root"] = str(Path(cfg.resolved_storage_path) / run_name)
@@ -143,10 +144,11 @@ def run(
     # Everything that can be checked without Ray is checked first.
     cfg = cfg.with_absolute_paths()  # the workers do not share this process's directory
     resolve_model_source(cfg.model.name)
-    splits = splits or load_splits(cfg.data)
-    for note in splits.notes:
-        print(f"[raypipe] data: {note}")
-    print(f"[raypipe] data: {splits.summary()}")
+    if splits is None:
+        splits = load_splits(cfg.data, cfg.task)
+        for note in splits.notes:
+            print(f"[raypipe] data: {note}")
+        print(f"[raypipe] data: {splits.summary()}")
 
     from raypipe.runtime import check_fits, cpus_per_worker, ensure_ray, resolve_use_gpu
 
@@ -163,8 +165,9 @@ def run(
     callbacks = list(callbacks or [])
     mlflow_run = None
     if track:
-        mlflow_run = _start_mlflow_run(cfg, splits, run_name)
-        from raypipe.tracking import train_callback
+        from raypipe.tracking import start_training_run, train_callback
+
+        mlflow_run = start_training_run(cfg, splits, run_name)
 
         callbacks.append(train_callback(cfg.resolved_tracking_uri, mlflow_run))
     trainer = build_trainer(
@@ -176,7 +179,9 @@ def run(
     except Exception as exc:
         outcome = _failed(cfg, run_name, exc)
         if mlflow_run:
-            _finish_failed(cfg, mlflow_run, exc, outcome)
+            from raypipe.tracking import fail_training_run
+
+            fail_training_run(cfg, mlflow_run, exc, outcome)
         raise TrainingError(
             f"training run {run_name} failed: {exc}\n"
             + (f"  best checkpoint so far: {outcome}" if outcome else "  no checkpoint was saved")
@@ -184,7 +189,9 @@ def run(
     print(f"[raypipe] training finished in {time.perf_counter() - t0:.1f}s")
     out = _result(cfg, splits, run_name, result)
     if mlflow_run:
-        _finish_mlflow_run(cfg, mlflow_run, out)
+        from raypipe.tracking import finish_training_run
+
+        finish_training_run(cfg, mlflow_run, out)
         out.mlflow_run_id = mlflow_run
         out.tracking_uri = cfg.resolved_tracking_uri
         print(f"[raypipe] open the MLflow UI: {ui_hint(cfg)}")
@@ -224,7 +231,8 @@ def _result(cfg: RaypipeConfig, splits: Splits, run_name: str, result: Any) -> T
         metric=metric,
         best_value=best_meta.get("metrics", {}).get(metric),
         history=latest_meta.get("history", []),
-        labels=splits.labels,
+        task=splits.task,
+        schema=best_meta.get("schema") or splits.schema,
         fingerprint=splits.fingerprint,
         early_stopped=bool(latest_meta.get("early_stopped")),
     )
@@ -240,76 +248,3 @@ def _failed(cfg: RaypipeConfig, run_name: str, exc: Exception) -> str | None:
         return best.path if best else None
     except Exception:  # the run may have died before writing anything
         return None
-
-
-def _start_mlflow_run(cfg: RaypipeConfig, splits: Splits, run_name: str) -> str:
-    from raypipe.tracking import configure, version_tags
-
-    client, exp_id = configure(cfg)
-    tags = {
-        **version_tags(cfg, splits.fingerprint),
-        "raypipe.stage": "train",
-        "raypipe.ray_run": run_name,
-        "mlflow.runName": cfg.tracking.run_name or run_name,
-    }
-    run = client.create_run(exp_id, tags=tags, run_name=cfg.tracking.run_name or run_name)
-    from mlflow.entities import Param
-
-    params = safe_params(flatten(cfg.model_dump(mode="json")))
-    params.update({"data.num_labels": str(len(splits.labels)), "data.train_size": str(len(splits.train))})
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-        client.log_batch(run.info.run_id, params=items[i : i + 100])
-    print(f"[raypipe] MLflow run {run.info.run_id} in experiment '{cfg.tracking.experiment}'")
-    return run.info.run_id
-
-
-def _finish_mlflow_run(cfg: RaypipeConfig, run_id: str, out: TrainResult) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from raypipe import plots
-    from raypipe.tracking import EpochLogger
-
-    client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
-    logger = EpochLogger(cfg.resolved_tracking_uri, run_id)
-    for epoch_metrics in out.history:  # local mode has no callbacks; elsewhere this is a no-op
-        logger.log(epoch_metrics)
-    with tempfile.TemporaryDirectory() as tmp:
-        t = Path(tmp)
-        (t / "config.yaml").write_text(yaml.safe_dump(redact_config(cfg.model_dump(mode="json")), sort_keys=False))
-        (t / "labels.json").write_text(json.dumps(out.labels, indent=2))
-        client.log_artifact(run_id, str(t / "config.yaml"))
-        client.log_artifact(run_id, str(t / "labels.json"))
-        if out.history:
-            fig = plots.learning_curves(out.history, title=f"{out.run_name}")
-            fig.savefig(t / "learning_curves.png", dpi=110)
-            client.log_artifact(run_id, str(t / "learning_curves.png"), "plots")
-        if out.best_checkpoint:
-            meta = read_meta(out.best_checkpoint)
-            if meta.get("confusion"):
-                fig = plots.confusion_matrix(
-                    meta["confusion"], out.labels, title=f"validation, epoch {meta.get('epoch')}"
-                )
-                fig.savefig(t / "confusion_matrix.png", dpi=110)
-                client.log_artifact(run_id, str(t / "confusion_matrix.png"), "plots")
-            if cfg.tracking.log_checkpoint:
-                ckpt = t / "checkpoint"
-                shutil.copytree(out.best_checkpoint, ckpt, ignore=shutil.ignore_patterns(TRAIN_STATE_FILE))
-                client.log_artifacts(run_id, str(ckpt), "checkpoint")
-        import matplotlib.pyplot as plt
-
-        plt.close("all")
-    if out.best_value is not None:
-        client.log_metric(run_id, f"best_{out.metric}", out.best_value)
-    client.set_tag(run_id, "raypipe.best_checkpoint", out.best_checkpoint or "")
-    client.set_tag(run_id, "raypipe.early_stopped", str(out.early_stopped).lower())
-    client.set_terminated(run_id, "FINISHED")
-
-
-def _finish_failed(cfg: RaypipeConfig, run_id: str, exc: Exception, best: str | None) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
-    client.set_tag(run_id, "raypipe.error", repr(exc)[:4000])
-    client.set_tag(run_id, "raypipe.best_checkpoint", best or "")
-    client.set_terminated(run_id, "FAILED")

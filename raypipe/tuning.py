@@ -1,8 +1,10 @@
 """Hyperparameter search on Ray Tune. Every trial *is* a training run: it calls
 ``raypipe.training.run`` with a Tune report callback (the Train V2 pattern), never a copy.
 
-After the sweep the best trial's best checkpoint is evaluated on the held-out test split,
-registered in the MLflow Model Registry and offered to the promotion gate.
+:func:`run` returns the sweep's :class:`TuneResult` (trials, the best trial's best checkpoint).
+Evaluating that checkpoint on the held-out split and registering it is the caller's — the
+pipeline and ``raypipe tune`` do it the same way as after a single training run
+(:func:`raypipe.pipeline.evaluate_and_register`).
 """
 
 from __future__ import annotations
@@ -11,15 +13,13 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raypipe.config import RaypipeConfig, config_from_dict, set_path
-from raypipe.errors import ConfigError, RaypipeError, TrainingError
-from raypipe.tracking import redact_uri
+from raypipe.errors import ConfigError, TrainingError
 
 SWEEP_FILE = "raypipe_sweep.json"
 TRIAL_DRIVER_CPU = 0.01  # a trial's driver only waits on its TorchTrainer; it needs no core
@@ -39,8 +39,11 @@ class TuneResult:
     best_checkpoint: str | None
     trials: list[dict[str, Any]] = field(default_factory=list)
     parent_run_id: str | None = None
-    evaluation: Any = None
-    registration: Any = None
+
+    @property
+    def best_run_id(self) -> str | None:
+        """The MLflow run of the best trial."""
+        return next((t.get("mlflow_run_id") for t in self.trials if t["trial_id"] == self.best_trial), None)
 
     def summary(self) -> str:
         done = sum(t["status"] == "completed" for t in self.trials)
@@ -53,11 +56,6 @@ class TuneResult:
             f"  sweep dir:       {self.sweep_path}   (resume with: raypipe tune <config> --resume)",
             f"  MLflow parent run: {self.parent_run_id}",
         ]
-        if self.evaluation is not None:
-            m = self.evaluation.metrics
-            lines.append(f"  test accuracy {m['test_accuracy']:.4f}, macro-F1 {m['test_macro_f1']:.4f}")
-        if self.registration is not None:
-            lines.append("  " + self.registration.summary().replace("\n", "\n  "))
         return "\n".join(lines)
 
 
@@ -107,51 +105,6 @@ def _grid_size(cfg: RaypipeConfig) -> int:
         if "grid" in spec:
             size *= len(spec["grid"])
     return size
-
-
-def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str) -> Any:
-    """Ray's MLflowLoggerCallback, made restart-safe: a resumed sweep finds a trial's existing
-    run instead of opening a second one, and steps are epochs, each logged once."""
-    from mlflow.tracking import MlflowClient
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-    class TrialLogger(MLflowLoggerCallback):
-        def log_trial_start(self, trial: Any) -> None:
-            if trial not in self._trial_runs:
-                client = MlflowClient(tracking_uri=tracking_uri)
-                exp = client.get_experiment_by_name(experiment)
-                found = client.search_runs(
-                    [exp.experiment_id],
-                    filter_string=f"tags.trial_name = '{trial}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                )
-                if found:
-                    self._trial_runs[trial] = found[0].info.run_id
-            super().log_trial_start(trial)
-
-        def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
-            if "epoch" not in result:
-                return
-            run_id = self._trial_runs[trial]
-            steps = self._steps.setdefault(run_id, None)
-            if steps is None:
-                hist = MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, "val_loss")
-                steps = self._steps[run_id] = {m.step for m in hist}
-            step = int(result["epoch"])
-            if step in steps:
-                return
-            keep = {k: v for k, v in result.items() if k.startswith(("val_", "train_")) or k in ("lr", "samples_per_s")}
-            self.mlflow_util.log_metrics(run_id=run_id, metrics_to_log=keep, step=step)
-            steps.add(step)
-
-        def setup(self, *args: Any, **kwargs: Any) -> None:
-            super().setup(*args, **kwargs)
-            self._steps: dict[str, set[int] | None] = {}
-
-    return TrialLogger(
-        tracking_uri=tracking_uri,
-        experiment_name=experiment,
-        tags={"mlflow.parentRunId": parent_run_id, "raypipe.stage": "trial"},
-    )
 
 
 def _concrete_cpus(cfg: RaypipeConfig) -> RaypipeConfig:
@@ -204,8 +157,9 @@ def _latest_sweep(cfg: RaypipeConfig) -> Path:
     return candidates[-1]
 
 
-def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, force: bool = False) -> TuneResult:
-    """Run (or resume) the sweep described by ``cfg.tune``; evaluate, register, promote the best."""
+def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> TuneResult:
+    """Run (or resume) the sweep described by ``cfg.tune``; ``splits`` (read once by the caller)
+    are shared by every trial."""
     if not cfg.tune.search_space:
         raise ConfigError("tune.search_space is empty: give at least one key, e.g. train.lr: {loguniform: [1e-5, 1e-3]}")
     if cfg.scaling.num_workers == 0:
@@ -222,15 +176,16 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, forc
 
     cfg = cfg.with_absolute_paths()  # trials run in directories of their own
     resolve_model_source(cfg.model.name)
-    splits = load_splits(cfg.data)
-    print(f"[raypipe] data: {splits.summary()}")
+    if splits is None:
+        splits = load_splits(cfg.data, cfg.task)
+        print(f"[raypipe] data: {splits.summary()}")
 
     import ray
     from ray import tune
 
     from raypipe import training
     from raypipe.runtime import ensure_ray, resolve_use_gpu
-    from raypipe.tracking import configure
+    from raypipe.tracking import configure, finish_sweep_run, start_sweep_run, trial_logger
 
     ensure_ray(cfg)
     use_gpu = resolve_use_gpu(cfg)
@@ -243,7 +198,7 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, forc
     else:
         sweep_name = cfg.tune.name or f"{cfg.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         sweep_path = Path(cfg.resolved_storage_path) / sweep_name
-        parent_run_id = _start_parent_run(cfg, client, exp_id, sweep_name, splits.fingerprint)
+        parent_run_id = start_sweep_run(cfg, client, exp_id, sweep_name, splits.fingerprint)
         sweep_path.mkdir(parents=True, exist_ok=True)
         (sweep_path / SWEEP_FILE).write_text(json.dumps({"parent_run_id": parent_run_id}))
 
@@ -268,7 +223,7 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, forc
     run_config = tune.RunConfig(
         name=sweep_name,
         storage_path=cfg.resolved_storage_path,
-        callbacks=[_trial_logger(cfg.resolved_tracking_uri, cfg.tracking.experiment, parent_run_id)],
+        callbacks=[trial_logger(cfg.resolved_tracking_uri, cfg.tracking.experiment, parent_run_id)],
         failure_config=tune.FailureConfig(max_failures=0),
         verbose=1,
     )
@@ -298,15 +253,13 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, register: bool = True, forc
             else:
                 os.environ[k] = v
     result = _collect(cfg, grid, sweep_name, str(sweep_path), parent_run_id)
-    _finish_parent_run(cfg, client, result)
+    finish_sweep_run(cfg, client, result)
     if result.best_checkpoint is None:
         errors = [t["error"] for t in result.trials if t["error"]]
         raise TrainingError(
             f"no trial of sweep {sweep_name} produced a checkpoint"
             + (f"; first error: {errors[0][:2000]}" if errors else "")
         )
-    if register and result.best_checkpoint:
-        _evaluate_and_register(cfg, result, splits.fingerprint, force=force)
     return result
 
 
@@ -345,31 +298,6 @@ def _search_alg(cfg: RaypipeConfig, metric: str, mode: str) -> Any:
 
         raise MissingExtraError("optuna", "optuna", "tune.search_alg: optuna") from None
     return OptunaSearch(metric=metric, mode=mode, seed=cfg.train.seed)
-
-
-def _start_parent_run(cfg: RaypipeConfig, client: Any, exp_id: str, sweep_name: str, fingerprint: str) -> str:
-    from raypipe.tracking import version_tags
-
-    run = client.create_run(
-        exp_id,
-        run_name=sweep_name,
-        tags={**version_tags(cfg, fingerprint), "raypipe.stage": "sweep", "raypipe.sweep": sweep_name},
-    )
-    rid = run.info.run_id
-    s = cfg.tune
-    for key, value in {
-        "tune.search_space": json.dumps(s.search_space),
-        "tune.num_samples": s.num_samples,
-        "tune.metric": s.metric,
-        "tune.mode": s.resolved_mode,
-        "tune.scheduler": json.dumps(s.scheduler.model_dump()),
-        "tune.search_alg": s.search_alg,
-        "model.name": cfg.model.name,
-        "data.path": redact_uri(str(cfg.data.path)),
-    }.items():
-        client.log_param(rid, key, str(value))
-    print(f"[raypipe] MLflow parent run {rid} for sweep {sweep_name}")
-    return rid
 
 
 def _collect(cfg: RaypipeConfig, grid: Any, sweep_name: str, sweep_path: str, parent_run_id: str) -> TuneResult:
@@ -420,58 +348,3 @@ def _collect(cfg: RaypipeConfig, grid: Any, sweep_name: str, sweep_path: str, pa
         trials=trials,
         parent_run_id=parent_run_id,
     )
-
-
-def _finish_parent_run(cfg: RaypipeConfig, client: Any, result: TuneResult) -> None:
-    from raypipe import plots
-
-    rid = result.parent_run_id
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{rid}'")
-    by_trial = {r.data.tags.get("trial_name", ""): r for r in children}
-    for t in result.trials:
-        run = next((r for name, r in by_trial.items() if name.endswith(t["trial_id"])), None)
-        if run is not None:
-            client.set_tag(run.info.run_id, "raypipe.trial_status", t["status"])
-            client.set_tag(run.info.run_id, "raypipe.train_run", t["train_run"])
-            t["mlflow_run_id"] = run.info.run_id
-    if result.best_value is not None:
-        client.log_metric(rid, f"best_{result.metric}", float(result.best_value))
-    client.set_tag(rid, "raypipe.best_trial", str(result.best_trial))
-    client.set_tag(rid, "raypipe.best_checkpoint", str(result.best_checkpoint))
-    client.set_tag(rid, "raypipe.trials", str(len(result.trials)))
-    client.set_tag(rid, "raypipe.trials_early_stopped", str(sum(t["status"] == "early_stopped" for t in result.trials)))
-    with tempfile.TemporaryDirectory() as tmp:
-        table = Path(tmp) / "trials.json"
-        table.write_text(json.dumps(result.trials, indent=2, default=str))
-        client.log_artifact(rid, str(table))
-        if result.trials and cfg.tune.search_space:
-            fig = plots.sweep(result.trials, list(cfg.tune.search_space), result.metric)
-            fig.savefig(Path(tmp) / "sweep.png", dpi=110)
-            client.log_artifact(rid, str(Path(tmp) / "sweep.png"), "plots")
-            import matplotlib.pyplot as plt
-
-            plt.close("all")
-    client.set_terminated(rid, "FINISHED")
-
-
-def _evaluate_and_register(cfg: RaypipeConfig, result: TuneResult, fingerprint: str, force: bool) -> None:
-    from raypipe.evaluation import run as evaluate
-    from raypipe.registry import register_checkpoint
-
-    print(f"[raypipe] evaluating the best checkpoint on the held-out test split")
-    ev = evaluate(result.best_checkpoint, cfg, log_to_mlflow=True)
-    result.evaluation = ev
-    best_run = next((t.get("mlflow_run_id") for t in result.trials if t["trial_id"] == result.best_trial), None)
-    try:
-        result.registration = register_checkpoint(
-            result.best_checkpoint,
-            cfg,
-            force=force,
-            metrics=ev.metrics,
-            source_run_id=best_run,
-            fingerprint=fingerprint,
-        )
-    except RaypipeError:
-        raise
-    print(result.registration.summary())

@@ -115,7 +115,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pa
 
     labels = sorted(CLASSES)
     cfg = RaypipeConfig(model={"name": str(tiny_model_dir)})
-    model, tokenizer = build(cfg.model, labels)
+    model, tokenizer = build(cfg.model, {"labels": labels})
     out = tmp_path_factory.mktemp("ckpt") / "checkpoint"
     save_checkpoint(
         out, model, tokenizer,

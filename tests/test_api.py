@@ -141,7 +141,7 @@ def test_a_token_variable_that_is_not_set_refuses_to_start_open(monkeypatch):
 
 def test_ready_is_false_until_the_warm_up_has_finished(tiny_checkpoint):
     predictor = Predictor.from_dir(tiny_checkpoint, device="cpu")
-    real = predictor.predict_proba
+    real = predictor.predict
     in_warm_up, release = threading.Event(), threading.Event()
 
     def gated(texts, **kw):  # the warm-up is a real prediction; hold it until we have looked
@@ -149,7 +149,7 @@ def test_ready_is_false_until_the_warm_up_has_finished(tiny_checkpoint):
         release.wait(30)
         return real(texts, **kw)
 
-    predictor.predict_proba = gated
+    predictor.predict = gated
     slot = ModelSlot()
     c = TestClient(create_app(slot, LIMITS))
     assert c.get("/health").status_code == 200
@@ -164,7 +164,7 @@ def test_ready_is_false_until_the_warm_up_has_finished(tiny_checkpoint):
     assert c.get("/ready").status_code == 503  # loaded, but still warming up
     release.set()
     loader.join(30)
-    predictor.predict_proba = real
+    predictor.predict = real
     r = c.get("/ready")
     assert r.status_code == 200 and r.json()["ready"] is True
     assert c.post("/predict", json={"text": "now"}).status_code == 200
@@ -205,11 +205,22 @@ def test_stats_count_the_batches_of_the_default_path(predictor):
     assert s["batches"] == 2 and s["texts"] == 4 and s["batch_sizes"] == {"1": 1, "3": 1}
 
 
+def _schema(spec: dict, node: dict) -> dict:
+    """Follow a local ``$ref`` of an OpenAPI document."""
+    while "$ref" in node:
+        node = spec["components"]["schemas"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
 def test_openapi_documents_the_predict_schema(client):
     spec = client.get("/openapi.json").json()
-    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert {"texts", "text", "top_k"} <= set(body["properties"])
-    assert {"400", "413", "415", "422", "503"} <= set(spec["paths"]["/predict"]["post"]["responses"])
+    op = spec["paths"]["/predict"]["post"]
+    body = _schema(spec, op["requestBody"]["content"]["application/json"]["schema"])
+    assert {"texts", "text", "top_k"} <= set(body["properties"]) and "pairs" not in body["properties"]
+    answer = _schema(spec, op["responses"]["200"]["content"]["application/json"]["schema"])
+    item = _schema(spec, answer["properties"]["predictions"]["items"])
+    assert set(item["properties"]) == {"label", "score", "probabilities"}  # the classifier's answer
+    assert {"400", "413", "415", "422", "503"} <= set(op["responses"])
     assert client.get("/docs").status_code == 200
 
 

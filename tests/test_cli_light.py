@@ -150,7 +150,8 @@ def test_predict_offline_from_checkpoint(tiny_checkpoint):
     lines = res.stdout.strip().splitlines()
     assert len(lines) == len(texts)
     for line, text in zip(lines, texts):
-        label, score, shown = line.split("\t")
+        answer, shown = line.split("\t")
+        label, score = answer.split(" ")
         assert label in labels
         assert 0.0 < float(score) <= 1.0
         assert shown == text
@@ -161,4 +162,4 @@ def test_predict_missing_checkpoint_exits_2(tmp_path, capsys):
 
     assert main(["predict", "--model", str(tmp_path / "nope"), "hello"]) == 2
     err = capsys.readouterr().err
-    assert "raypipe predict: error:" in err and "not a directory" in err
+    assert "raypipe predict: error:" in err and "is not a checkpoint directory (no such directory)" in err

@@ -60,7 +60,7 @@ def train_tiny_checkpoint(cfg, dst: Path, epochs: int = 5) -> Path:
 
     splits = load_splits(cfg.data)
     torch.manual_seed(0)
-    model, tokenizer = build(cfg.model, splits.labels)
+    model, tokenizer = build(cfg.model, splits.schema)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     texts = list(splits.train["text"])
     y = torch.tensor(splits.label_ids(splits.train).to_numpy())
@@ -190,7 +190,7 @@ def test_summary_is_a_readable_per_class_table(tiny_config, always_sport, tmp_pa
     data = write_csv(tmp_path / "d.csv", [("goal", "sport"), ("soup", "food"), ("chip", "tech")])
     text = run(str(always_sport), tiny_config, data_path=data, log_to_mlflow=False).summary()
     lines = text.splitlines()
-    assert "accuracy 0.3333" in text and "macro-F1 0.1667" in text
+    assert "accuracy 0.3333" in text and "macro_f1 0.1667" in text
     header = next(i for i, line in enumerate(lines) if "precision" in line)
     assert [line.split()[0] for line in lines[header + 1 : header + 4]] == ["food", "sport", "tech"]
     assert lines[header + 2].split() == ["sport", "0.3333", "1.0000", "0.5000", "1"]
@@ -200,7 +200,7 @@ def test_summary_is_a_readable_per_class_table(tiny_config, always_sport, tmp_pa
 # --------------------------------------------------------------------------- MLflow logging
 
 
-def test_evaluate_logs_run_with_metrics_plot_and_per_class_json(tiny_config, trained, tmp_path):
+def test_evaluate_logs_run_with_metrics_plot_and_report_json(tiny_config, trained, tmp_path):
     result = run(str(trained), tiny_config)
 
     client = _mlflow_client(tiny_config)
@@ -214,16 +214,16 @@ def test_evaluate_logs_run_with_metrics_plot_and_per_class_json(tiny_config, tra
     assert logged.data.params["model_uri"] == str(trained)
 
     files = {f.path for f in client.list_artifacts(result.run_id, "evaluation")}
-    assert files == {"evaluation/confusion_matrix.png", "evaluation/per_class.json"}
+    assert files == {"evaluation/confusion_matrix.png", "evaluation/report.json"}
     png = Path(client.download_artifacts(result.run_id, "evaluation/confusion_matrix.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
-    report = json.loads(Path(client.download_artifacts(result.run_id, "evaluation/per_class.json", str(tmp_path))).read_text())
+    report = json.loads(Path(client.download_artifacts(result.run_id, "evaluation/report.json", str(tmp_path))).read_text())
     assert report["confusion"] == result.confusion
     assert report["per_class"]["tech"]["support"] == result.per_class["tech"]["support"]
 
 
 def test_evaluate_a_registered_model_by_uri(tiny_config, trained):
-    from raypipe.registry import register_checkpoint
+    from raypipe.registration import register_checkpoint
 
     reg = register_checkpoint(trained, tiny_config, name="eval-uri", metrics={"test_macro_f1": 0.5})
     by_uri = run("models:/eval-uri@champion", tiny_config, log_to_mlflow=False)
@@ -240,7 +240,7 @@ def test_progress_lines_for_large_sets(tiny_config, always_sport, tmp_path, caps
     # batch_size=1 -> chunks of 8 texts -> 3 chunks, one progress line each.
     run(str(always_sport), tiny_config, data_path=data, log_to_mlflow=False, batch_size=1, progress=True)
     err = capsys.readouterr().err
-    assert [line.split(" texts")[0] for line in err.splitlines() if line.startswith("evaluate:")] == [
+    assert [line.split(" examples")[0] for line in err.splitlines() if line.startswith("evaluate:")] == [
         "evaluate: 8/24", "evaluate: 16/24", "evaluate: 24/24"
     ]
 
@@ -263,7 +263,7 @@ def test_no_data_anywhere_raises_data_error(always_sport, tmp_path):
 
 
 def test_bad_model_references_raise_clear_errors(tiny_config, tmp_path):
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         run(str(tmp_path / "nope"), tiny_config, log_to_mlflow=False)
     with pytest.raises(RegistryError, match="no MLflow store"):
         run("models:/whatever@champion", tiny_config, log_to_mlflow=False)
@@ -278,7 +278,7 @@ def test_cli_evaluate_prints_summary_and_logs(tiny_config, trained, tmp_path, ca
     cfg_file = config_file(tiny_config, tmp_path / "cfg.yaml")
     assert main(["evaluate", str(trained), "--config", str(cfg_file)]) == 0
     out = capsys.readouterr().out
-    assert f"Evaluation of {trained}" in out and "macro-F1" in out and "MLflow run:" in out
+    assert f"Evaluation of {trained}" in out and "macro_f1" in out and "MLflow run:" in out
     runs = _mlflow_client(tiny_config).search_runs(
         [_mlflow_client(tiny_config).get_experiment_by_name("raypipe").experiment_id]
     )
@@ -296,7 +296,7 @@ def test_cli_evaluate_no_log_writes_no_run(tiny_config, always_sport, tmp_path, 
 
 def test_cli_evaluate_bad_uri_exits_2_with_message(tiny_config, trained, tmp_path, capsys):
     from raypipe.cli import main
-    from raypipe.registry import register_checkpoint
+    from raypipe.registration import register_checkpoint
 
     register_checkpoint(trained, tiny_config, name="cli-eval", metrics={"test_macro_f1": 0.5})
     cfg_file = config_file(tiny_config, tmp_path / "cfg.yaml")

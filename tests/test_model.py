@@ -82,7 +82,7 @@ def test_save_load_round_trip_identical_logits(tmp_path, tiny_model_dir):
     from raypipe.config import ModelConfig
 
     torch.manual_seed(1)
-    model, tokenizer = build(ModelConfig(name=str(tiny_model_dir)), LABELS)
+    model, tokenizer = build(ModelConfig(name=str(tiny_model_dir)), {"labels": LABELS})
     model.eval()
     out = save_checkpoint(
         tmp_path / "ck", model, tokenizer,
@@ -110,7 +110,7 @@ def test_save_load_round_trip_identical_logits(tmp_path, tiny_model_dir):
 
 
 def test_save_checkpoint_needs_labels(tmp_path):
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="schema.*labels"):
         save_checkpoint(tmp_path / "ck", object(), object(), {"labels": []})
 
 

@@ -18,7 +18,8 @@ from test_evaluation import config_file, make_constant_checkpoint, module_config
 from raypipe import __version__
 from raypipe.errors import CheckpointError, DataError, RegistryError
 from raypipe.predict import Predictor
-from raypipe.registry import list_models, promote, register_checkpoint, resolve
+from raypipe.registration import register_checkpoint
+from raypipe.registry import list_models, load_predictor, promote, resolve
 
 TEXTS = ["goal match team league", "software chip code", "bread soup chef", "the a of and"]
 
@@ -96,7 +97,7 @@ def test_register_creates_tagged_version_and_champion_resolves_to_identical_pred
     from_registry = Predictor.from_dir(resolved.path, device="cpu").predict_proba(TEXTS)
     assert abs(original - from_registry).max() < 1e-6
 
-    via_uri = Predictor.from_uri("models:/reg-basic/1", device="cpu", tracking_uri=store_cfg.resolved_tracking_uri)
+    via_uri = load_predictor("models:/reg-basic/1", device="cpu", tracking_uri=store_cfg.resolved_tracking_uri)
     assert via_uri.meta["model_name"] == "reg-basic" and via_uri.meta["model_version"] == "1"
     assert via_uri.meta["run_id"] == result.run_id
 
@@ -144,9 +145,9 @@ def test_register_into_the_training_run_keeps_earlier_versions_intact(store_cfg,
     assert first.source.endswith("/model") and second.source.endswith("/model-2")
     assert {f.path for f in client.list_artifacts(training_run)} >= {"model", "model-2"}
     uri = store_cfg.resolved_tracking_uri
-    one = Predictor.from_uri("models:/reg-src/1", device="cpu", tracking_uri=uri).predict(TEXTS)
+    one = load_predictor("models:/reg-src/1", device="cpu", tracking_uri=uri).predict(TEXTS)
     assert [p["label"] for p in one] == [p["label"] for p in Predictor.from_dir(trained).predict(TEXTS)]
-    two = Predictor.from_uri("models:/reg-src/2", device="cpu", tracking_uri=uri).predict(TEXTS)
+    two = load_predictor("models:/reg-src/2", device="cpu", tracking_uri=uri).predict(TEXTS)
     assert {p["label"] for p in two} == {"sport"}
 
     with pytest.raises(RegistryError, match="source run 'nope' does not exist"):
@@ -245,6 +246,8 @@ def test_promote_keeps_a_champion_that_has_no_score(store_cfg, trained):
 def test_pyfunc_loads_with_plain_mlflow_and_matches_predictor(store_cfg, trained, monkeypatch, request, tmp_path):
     import mlflow
     import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from mlflow.types import DataType
 
     register_checkpoint(trained, store_cfg, name="reg-pyfunc", metrics={"test_macro_f1": 0.9})
     uri = store_cfg.resolved_tracking_uri
@@ -264,8 +267,12 @@ def test_pyfunc_loads_with_plain_mlflow_and_matches_predictor(store_cfg, trained
         assert list(out["label"]) == [e["label"] for e in expected]
         assert list(out["score"]) == pytest.approx([e["score"] for e in expected], abs=1e-6)
         assert set(out["probabilities"][0]) == {"food", "sport", "tech"}
-    with pytest.raises(DataError, match="needs a 'text' column"):
-        model.predict(pd.DataFrame({"a": ["x"], "b": ["y"]}))
+    # The signature's input is one string column: MLflow refuses anything else before raypipe runs.
+    assert model.metadata.get_input_schema().input_types() == [DataType.string]
+    with pytest.raises(MlflowException, match="string"):
+        model.predict(pd.DataFrame({"a": [1.5]}))
+    with pytest.raises(DataError, match="empty"):
+        model.predict(["goal", "  "])
 
     # No pickles anywhere in the registered model; weights are safetensors.
     local = Path(mlflow.artifacts.download_artifacts("models:/reg-pyfunc/1", dst_path=str(tmp_path / "m")))
@@ -330,7 +337,7 @@ def _corrupt(kind: str, good: Path, tmp_path: Path) -> Path:
         ("no weights", "incomplete: missing model.safetensors"),
         ("garbage meta", "raypipe.json' is corrupt"),
         ("truncated weights", "cannot be loaded"),
-        ("labels mismatch", "3 outputs but raypipe.json lists 2 labels"),
+        ("labels mismatch", "3 outputs but raypipe.json describes 2 .classification, 2 labels."),
     ],
 )
 def test_corrupt_checkpoint_raises_and_registers_nothing(store_cfg, trained, tmp_path, kind, message):

@@ -52,7 +52,7 @@ def second_checkpoint(tmp_path_factory, tiny_model_dir) -> Path:
     from raypipe.model import build, save_checkpoint
 
     cfg = RaypipeConfig(model={"name": str(tiny_model_dir)})
-    model, tokenizer = build(cfg.model, ["neg", "pos"])
+    model, tokenizer = build(cfg.model, {"labels": ["neg", "pos"]})
     out = tmp_path_factory.mktemp("ckpt2") / "checkpoint"
     save_checkpoint(out, model, tokenizer, {"labels": ["neg", "pos"], "max_length": 32})
     return out
@@ -123,7 +123,7 @@ def test_a_revision_bump_reloads_the_same_uri(tiny_checkpoint):
 
 
 def test_check_health_runs_the_model_and_catches_a_broken_one(tiny_checkpoint):
-    import numpy as np
+    import torch
 
     from raypipe.serve import ModelService
 
@@ -134,9 +134,10 @@ def test_check_health_runs_the_model_and_catches_a_broken_one(tiny_checkpoint):
     asyncio.run(svc.check_health())  # a real prediction, fine
 
     broken = svc.slot()
-    broken.predict_proba = lambda texts, **kw: np.full((len(texts), 3), np.nan, dtype=np.float32)
+    with torch.no_grad():  # a model whose weights went bad: every answer is NaN
+        broken.model.classifier.bias.fill_(float("nan"))
     svc._last_ok = 0.0  # nothing succeeded recently, so the probe must run
-    with pytest.raises(RuntimeError, match="invalid probabilities"):
+    with pytest.raises(RuntimeError, match="NaN or inf"):
         asyncio.run(svc.check_health())
 
 
@@ -248,7 +249,7 @@ def served(tiny_checkpoint, tmp_path_factory):
     import ray
     from ray import serve
 
-    from raypipe.registry import register_checkpoint
+    from raypipe.registration import register_checkpoint
     from raypipe.serve import deploy
 
     started = not ray.is_initialized()
@@ -378,7 +379,7 @@ def test_cli_predict_over_http_and_offline_print_the_same_labels(served, tiny_ch
 
 def test_alias_move_and_redeploy_swap_the_model_with_no_failed_request(served, second_checkpoint):
     """Last in the module: it replaces the model the other tests rely on."""
-    from raypipe.registry import register_checkpoint
+    from raypipe.registration import register_checkpoint
     from raypipe.serve import deploy
 
     outcomes: list[tuple[int, str | None]] = []

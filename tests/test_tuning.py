@@ -34,7 +34,10 @@ def _children(cfg, parent_id):
 
 
 def test_asha_sweep_logs_trials_under_a_parent_and_promotes_the_best(ray_local, tiny_config):
+    from raypipe.data import load_splits
+    from raypipe.pipeline import evaluate_and_register
     from raypipe.predict import Predictor
+    from raypipe.registry import load_predictor
     from raypipe.tuning import run
 
     cfg = _sweep_cfg(tiny_config, scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
@@ -56,14 +59,17 @@ def test_asha_sweep_logs_trials_under_a_parent_and_promotes_the_best(ray_local, 
     assert parent.data.tags["raypipe.best_trial"] == result.best_trial
     assert "plots/sweep.png" in {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
 
-    # The winner is evaluated on the test split, registered, and holds the champion alias.
-    assert result.evaluation.metrics["test_accuracy"] > 0.5
+    # The winner, evaluated on the test split and registered as after a single run, holds the alias.
+    evaluation, registration = evaluate_and_register(cfg, result.best_checkpoint, splits=load_splits(cfg.data),
+                                                     source_run_id=result.best_run_id)
+    assert evaluation.metrics["test_accuracy"] > 0.5
+    assert registration.run_id == result.best_run_id  # the model lives in the best trial's run
     champion = f"models:/{cfg.registry.model_name}@{cfg.registry.alias}"
-    served = Predictor.from_uri(champion, tracking_uri=cfg.resolved_tracking_uri)
+    served = load_predictor(champion, tracking_uri=cfg.resolved_tracking_uri)
     local = Predictor.from_dir(result.best_checkpoint)
     texts = ["goal match team league", "chip software robot", "bread soup chef"]
     assert [p["label"] for p in served.predict(texts)] == [p["label"] for p in local.predict(texts)]
-    assert served.meta["model_version"] == str(result.registration.version)
+    assert served.meta["model_version"] == str(registration.version)
 
 
 def _finished_trials(sweep_root: Path) -> list[Path]:
@@ -124,7 +130,7 @@ def test_resume_after_the_sweep_driver_is_killed_skips_finished_trials(ray_local
         proc.wait()
     before = {d: sorted(p.name for p in d.glob("checkpoint_*")) for d in finished}
 
-    result = run(cfg, resume=True, register=False)
+    result = run(cfg, resume=True)
 
     assert len(result.trials) == 3
     assert all(t["status"] == "completed" for t in result.trials)
@@ -181,7 +187,7 @@ def test_a_sweep_with_relative_paths_keeps_its_runs_under_the_drivers_workdir(
     tree["tune"] = {"num_samples": 1, "search_space": {"train.lr": {"choice": [3e-3]}}}
     cfg = config_from_dict(tree)
 
-    result = run(cfg, register=False)
+    result = run(cfg)
 
     runs = tmp_path / "raypipe-work" / "ray_results"
     assert result.best_checkpoint and Path(result.best_checkpoint).is_relative_to(tmp_path / "raypipe-work")

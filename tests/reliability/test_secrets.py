@@ -75,7 +75,7 @@ def test_training_and_registration_leave_no_secret_in_mlflow_checkpoints_or_logs
     from mlflow.tracking import MlflowClient
 
     from raypipe.config import config_from_dict
-    from raypipe.registry import register_checkpoint
+    from raypipe.registration import register_checkpoint
     from raypipe.training import run
 
     tree = _secret_tree(tiny_config, monkeypatch)
@@ -109,6 +109,8 @@ def test_a_sweep_leaves_no_secret_in_trials_registry_tune_state_or_logs(ray_loca
     from mlflow.tracking import MlflowClient
 
     from raypipe.config import config_from_dict
+    from raypipe.data import load_splits
+    from raypipe.pipeline import evaluate_and_register
     from raypipe.tuning import run
 
     tree = _secret_tree(tiny_config, monkeypatch)
@@ -116,13 +118,15 @@ def test_a_sweep_leaves_no_secret_in_trials_registry_tune_state_or_logs(ray_loca
     cfg = config_from_dict(tree)
 
     result = run(cfg)
+    splits = load_splits(cfg.data, cfg.task)
+    _, registration = evaluate_and_register(cfg, result.best_checkpoint, splits=splits, source_run_id=result.best_run_id)
 
     client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) >= 2  # the sweep's parent run and its trial: there was something to leak
     assert client.get_run(result.parent_run_id).data.params["tune.num_samples"] == "1"
-    assert result.registration is not None  # the winner reached the registry too
+    assert registration.version == "1"  # the winner reached the registry too
 
     summary, hits = _grep_everything(cfg, ray_local, capfd)  # store, registry, checkpoints, Tune state
     print(f"\nRELIABILITY secrets-sweep: {summary}")

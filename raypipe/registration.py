@@ -1,0 +1,78 @@
+"""The register stage: a checkpoint becomes a new registered version, and the gate decides
+whether it takes the alias.
+
+Beside :mod:`raypipe.training`, :mod:`raypipe.tuning` and :mod:`raypipe.evaluation`: the
+pipeline and ``raypipe register`` call :func:`run` with the checkpoint a training run or a sweep
+produced. Order matters: the name and the checkpoint are checked, and a missing promotion metric
+is computed (:func:`raypipe.evaluation.run` on the config's test split), before anything is
+written to the registry, so a bad checkpoint or bad data leaves no empty model or stray version.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from raypipe.errors import CheckpointError
+from raypipe.registry import RegisterResult, add_version, check_model_name, check_task, clean_metrics
+
+
+def run(
+    path: str | os.PathLike[str],
+    cfg: Any,
+    name: str | None = None,
+    force: bool = False,
+    metrics: dict[str, float] | None = None,
+    source_run_id: str | None = None,
+    fingerprint: str | None = None,
+    evaluation: Any = None,
+) -> RegisterResult:
+    """Register the checkpoint dir ``path`` as a new version of ``name`` (default
+    ``registry.model_name``) and run the promotion gate.
+
+    ``metrics`` (or an :class:`~raypipe.evaluation.EvalResult` as ``evaluation``) carry the test
+    metrics; without the gate's metric the checkpoint is evaluated on the config's test split.
+    ``source_run_id`` (the training run) receives the model artifacts; without it a "register"
+    run is created in ``cfg.tracking.experiment``.
+    """
+    from raypipe import __version__
+    from raypipe.model import load_checkpoint
+    from raypipe.pyfunc import save as save_pyfunc
+
+    name = check_model_name(name or cfg.registry.model_name)
+    ckpt = Path(path).expanduser()
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is not a directory")
+    ckpt = ckpt.resolve()
+    _model, _tokenizer, meta = load_checkpoint(ckpt, device="cpu")  # everything must load
+    check_task(cfg, name, meta["task"])
+    metrics = clean_metrics({**(evaluation.metrics if evaluation is not None else {}), **(metrics or {})})
+    eval_run_id = getattr(evaluation, "run_id", None)
+    fingerprint = fingerprint or getattr(evaluation, "fingerprint", None)
+    gate = cfg.registry.promotion_metric
+    if gate not in metrics and cfg.data.path:
+        from raypipe.evaluation import run as evaluate
+
+        print(f"register: no {gate} given; evaluating {ckpt} on the config's test split for the promotion gate")
+        evaluated = evaluate(str(ckpt), cfg, log_to_mlflow=True)
+        metrics = {**evaluated.metrics, **metrics}
+        fingerprint = fingerprint or evaluated.fingerprint
+        eval_run_id = evaluated.run_id
+    fingerprint = fingerprint or meta.get("data_fingerprint") or meta.get("fingerprint")
+    with tempfile.TemporaryDirectory(prefix="raypipe-register-") as tmp:
+        model_dir = save_pyfunc(
+            ckpt,
+            Path(tmp) / "model",
+            metadata={"raypipe_version": __version__, "task": meta["task"],
+                      **({"labels": list(meta["schema"]["labels"])} if meta["schema"].get("labels") else {})},
+        )
+        return add_version(
+            cfg, name, model_dir,
+            checkpoint=str(ckpt), meta=meta, metrics=metrics, force=force,
+            source_run_id=source_run_id, fingerprint=fingerprint, eval_run_id=eval_run_id,
+        )
+
+
+register_checkpoint = run  # the name this function had when it lived in raypipe.registry
