@@ -43,7 +43,7 @@ def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
     frame = C.sst2_frame("train", n=s["rows"], seed=0)
     s["rows_actual"] = len(frame)
     small = frame.iloc[: s["small_rows"]]
-    splits = Splits(train=frame, val=frame.iloc[:1], test=frame.iloc[:1], labels=["0", "1"], fingerprint="bench")
+    splits = Splits(train=frame, val=frame.iloc[:1], test=frame.iloc[:1], schema={"labels": ["0", "1"]}, fingerprint="bench")
     src = C.minilm_dir()
 
     def ray_data(f: Any, in_driver: bool | None = False) -> Any:
@@ -58,10 +58,8 @@ def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
 
     def plain() -> float:
         t0 = time.perf_counter()
-        tok = Tokenize(src, s["max_length"])
-        ids = splits.label_ids(frame).to_numpy()
-        texts = frame["text"].to_numpy()
-        out = [tok({"text": texts[i : i + 256], "label_id": ids[i : i + 256]}) for i in range(0, len(frame), 256)]
+        tok = Tokenize(src, s["max_length"], splits.task, splits.schema)
+        out = [tok(frame.iloc[i : i + 256]) for i in range(0, len(frame), 256)]
         n = sum(len(b["labels"]) for b in out)
         np.concatenate([b["input_ids"] for b in out])  # the same one block materialize() leaves
         dt = time.perf_counter() - t0

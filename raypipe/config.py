@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -566,7 +567,40 @@ def load_config(
             )
         tree = loaded
     tree = apply_overrides(tree, overrides or [])
+    expand_data_paths(tree, source)
     return config_from_dict(tree, source=source)
+
+
+# Fields whose `${VAR}` / `${VAR:-default}` references are filled from the environment when a
+# config is read, so a shipped config can point at data that lives outside the repository
+# (`path: ${RAYPIPE_DATA_DIR}/goemotions/train.tsv`). Only data locations: an environment
+# variable is never copied into any other field (and so never into MLflow params).
+ENV_FIELDS = ("path", "validation_path", "test_path", "label_names")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_data_paths(tree: dict[str, Any], source: str | None = None) -> None:
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ENV_FIELDS:
+        value = data.get(key)
+        if not isinstance(value, str) or "${" not in value:
+            continue
+
+        def fill(m: re.Match[str], key: str = key) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"data.{key}: environment variable {name} is not set ({m.group(0)}): export it "
+                f"(e.g. {name}=/path/to/data) or override data.{key}=...",
+                source=source,
+            )
+
+        data[key] = _ENV_REF.sub(fill, value)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -197,7 +197,9 @@ def _dashboard_url() -> str | None:
     try:
         import ray
 
-        return ray.worker.get_dashboard_url() or None
+        from ray._private.worker import get_dashboard_url  # ray.worker's is deprecated
+
+        return get_dashboard_url() or None
     except Exception:
         return None
 

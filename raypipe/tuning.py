@@ -264,10 +264,10 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
 
 
 def _state_api_available() -> bool:
-    import ray
-
     try:
-        return bool(ray.worker.get_dashboard_url())
+        from ray._private.worker import get_dashboard_url  # ray.worker's copy warns of deprecation
+
+        return bool(get_dashboard_url())
     except Exception:
         return False
 

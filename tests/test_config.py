@@ -444,3 +444,15 @@ def test_with_absolute_paths_pins_local_paths_and_leaves_uris_and_hub_names(tmp_
     monkeypatch.chdir("/")
     assert out.resolved_storage_path == str(tmp_path / "runs")  # no longer depends on the cwd
     assert out.with_absolute_paths() == out
+
+
+def test_data_paths_take_environment_references_with_defaults(tmp_path, monkeypatch):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data:\n  path: ${RP_TEST_DIR}/train.csv\n  test_path: ${RP_TEST_MISSING:-/fallback}/test.csv\n"
+                        "name: ${RP_TEST_DIR}\n")
+    monkeypatch.setenv("RP_TEST_DIR", "/data/here")
+    monkeypatch.delenv("RP_TEST_MISSING", raising=False)
+    cfg = load_config(cfg_file)
+    assert cfg.data.path == "/data/here/train.csv"
+    assert cfg.data.test_path == "/fallback/test.csv"
+    assert cfg.name == "${RP_TEST_DIR}"  # only data locations are filled from the environment

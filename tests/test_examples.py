@@ -25,8 +25,17 @@ SCRIPTS = ("train.py", "tune.py", "pipeline.py")
 QUICKSTART = str(EXAMPLES / "configs" / "quickstart.yaml")
 
 
+@pytest.fixture(autouse=True)
+def data_dir(monkeypatch, tmp_path):
+    """The task examples read their data from $RAYPIPE_DATA_DIR (real data lives outside the repo)."""
+    monkeypatch.setenv("RAYPIPE_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
 def test_the_documented_configs_are_shipped():
-    assert {"quickstart.yaml", "sst2_hub.yaml", "gpu.yaml", "csv.yaml"} <= {p.name for p in CONFIGS}
+    assert {"quickstart.yaml", "sst2_hub.yaml", "gpu.yaml", "csv.yaml", "goemotions.yaml", "stsb.yaml"} <= {
+        p.name for p in CONFIGS
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -50,6 +59,31 @@ def test_configs_say_what_their_names_promise():
     csv = load_config(EXAMPLES / "configs" / "csv.yaml")
     assert csv.data.format == "csv" and csv.data.text_columns == ["title", "description"]
     assert csv.data.validation_path and csv.data.test_path
+
+
+def test_task_examples_read_their_data_where_the_environment_says(data_dir):
+    emo = load_config(EXAMPLES / "configs" / "goemotions.yaml")
+    assert emo.task == "multi_label" and emo.train.metric == "val_micro_f1"
+    assert emo.registry.promotion_metric == "test_micro_f1"
+    assert emo.data.path == f"{data_dir}/goemotions/train.tsv"
+    assert emo.data.label_names == f"{data_dir}/goemotions/emotions.txt"
+    assert (emo.data.header, emo.data.quoting, emo.data.label_separator) == (False, "csv", ",")
+
+    sts = load_config(EXAMPLES / "configs" / "stsb.yaml")
+    assert sts.task == "regression" and sts.data.text_pair_column == "sentence2"
+    assert sts.data.quoting == "none" and sts.train.metric == "val_pearson"
+    assert sts.data.test_path == f"{data_dir}/stsb/dev.tsv"
+
+
+def test_an_unset_data_variable_is_a_config_error_naming_it(monkeypatch, capsys):
+    monkeypatch.delenv("RAYPIPE_DATA_DIR")
+    with pytest.raises(ConfigError, match=r"data.path: environment variable RAYPIPE_DATA_DIR is not set"):
+        load_config(EXAMPLES / "configs" / "stsb.yaml")
+    assert cli(["validate", str(EXAMPLES / "configs" / "stsb.yaml")]) == 2
+    assert "RAYPIPE_DATA_DIR" in capsys.readouterr().err
+    # overrides instead of the variable work too
+    cfg = load_config(EXAMPLES / "configs" / "stsb.yaml", ["data.path=/d/train.tsv", "data.test_path=/d/dev.tsv"])
+    assert cfg.data.path == "/d/train.tsv"
 
 
 # --------------------------------------------------------------------- example scripts
