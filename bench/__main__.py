@@ -27,8 +27,9 @@ BENCHMARKS = {
     "serve": "bench.serve",
     "tune": "bench.tune",
     "startup": "bench.startup",
+    "tasks": "bench.tasks",
 }
-ORDER = ["startup", "data", "train", "sst2", "serve", "tune"]
+ORDER = ["startup", "data", "train", "sst2", "serve", "tune", "tasks"]
 
 
 def run_one(name: str, quick: bool, repeats: int | None, out: Path) -> dict:

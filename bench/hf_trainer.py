@@ -16,10 +16,10 @@ import numpy as np
 
 def run_trainer(
     model_dir: str,
-    train_texts: list[str],
-    train_labels: list[int],
-    eval_texts: list[str],
-    eval_labels: list[int],
+    train_texts: list[Any],
+    train_labels: list[Any],
+    eval_texts: list[Any],
+    eval_labels: list[Any],
     *,
     num_labels: int,
     max_length: int = 128,
@@ -33,7 +33,13 @@ def run_trainer(
     use_cpu: bool = True,
     group_by_length: bool = False,
     compile: bool = False,
+    problem_type: str = "single_label_classification",
+    return_predictions: bool = False,
 ) -> dict[str, Any]:
+    """Train and evaluate. Texts are strings, or (a, b) tuples for sentence pairs (tokenised as
+    pairs). ``problem_type`` is transformers' own: ``single_label_classification`` (int labels),
+    ``multi_label_classification`` (a 0/1 float vector per row: sigmoid + BCE) or ``regression``
+    (a float per row, ``num_labels=1``: MSE on the raw target, the textbook recipe)."""
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -49,16 +55,23 @@ def run_trainer(
     def encode(texts: list[str], labels: list[int]) -> list[dict[str, Any]]:
         # A plain list of feature dicts is a valid torch Dataset for the Trainer (no `datasets`
         # needed, which the GPU image lacks); the collator pads each batch to its longest row.
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+        if texts and isinstance(texts[0], (tuple, list)):
+            enc = tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=max_length)
+        else:
+            enc = tokenizer(list(texts), truncation=True, max_length=max_length)
         keys = list(enc.keys())
-        return [{**{k: enc[k][i] for k in keys}, "labels": int(y)} for i, y in enumerate(labels)]
+        cast = {"single_label_classification": int, "regression": float}.get(problem_type, lambda y: [float(v) for v in y])
+        return [{**{k: enc[k][i] for k in keys}, "labels": cast(y)} for i, y in enumerate(labels)]
 
     train_ds, eval_ds = encode(train_texts, train_labels), encode(eval_texts, eval_labels)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=num_labels, ignore_mismatched_sizes=True, use_safetensors=True
+        model_dir, num_labels=num_labels, ignore_mismatched_sizes=True, use_safetensors=True,
+        problem_type=problem_type,
     )
 
     def metrics(pred: Any) -> dict[str, float]:
+        if problem_type != "single_label_classification":
+            return {}
         return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
 
     with tempfile.TemporaryDirectory() as out:
@@ -88,12 +101,20 @@ def run_trainer(
         t0 = time.perf_counter()
         out_train = trainer.train()
         wall = time.perf_counter() - t0
-        ev = trainer.evaluate()
+        if return_predictions:
+            pred = trainer.predict(eval_ds)
+            ev = {f"eval_{k[5:]}" if k.startswith("test_") else k: v for k, v in pred.metrics.items()}
+        else:
+            ev = trainer.evaluate()
     m = out_train.metrics
-    return {
+    out = {
         "samples_per_s": float(m["train_samples_per_second"]),
         "train_runtime_s": float(m["train_runtime"]),
         "train_wall_s": wall,
         "train_loss": float(m.get("train_loss", float("nan"))),
-        "accuracy": float(ev["eval_accuracy"]),
     }
+    if "eval_accuracy" in ev:
+        out["accuracy"] = float(ev["eval_accuracy"])
+    if return_predictions:
+        out["predictions"] = np.asarray(pred.predictions)
+    return out

@@ -182,7 +182,42 @@ def render_startup(r: dict[str, Any]) -> list[str]:
     return out
 
 
-RENDER = {"train": render_train, "sst2": render_sst2, "data": render_data, "serve": render_serve,
+def render_tasks(r: dict[str, Any]) -> list[str]:
+    out = header(r)
+    for name, t in r["tasks"].items():
+        rp, hf = t["raypipe_test"], t["trainer_test"]
+        out += [f"**{name}** ({t['task']}): {t['train_rows']} train / {t['val_rows']} validation / "
+                f"{t['test_rows']} test rows, {t['epochs']} epoch(s), batch {t['batch_size']}, lr {t['lr']}, "
+                f"max_length {t['max_length']}; the whole `raypipe run` took {t['pipeline_wall_s']:.0f} s "
+                "(" + ", ".join(f"{k} {v:.0f} s" for k, v in t["stage_seconds"].items()) + ").", ""]
+        if t["task"] == "multi_label":
+            at = t["raypipe_at_0.5"]
+            out += ["| side | samples/s | test micro-F1 | test macro-F1 | subset accuracy |", "|---|---|---|---|---|",
+                    f"| raypipe (thresholds fitted on validation) | {t['raypipe_samples_per_s']:.1f} | "
+                    f"{rp['test_micro_f1']:.4f} | {rp['test_macro_f1']:.4f} | {rp['test_subset_accuracy']:.4f} |",
+                    f"| raypipe, same model at threshold 0.5 | — | {at['micro_f1']:.4f} | {at['macro_f1']:.4f} | "
+                    f"{at['subset_accuracy']:.4f} |",
+                    f"| HF Trainer (multi_label_classification, 0.5) | {t['trainer_samples_per_s']:.1f} | "
+                    f"{hf['micro_f1']:.4f} | {hf['macro_f1']:.4f} | {hf['subset_accuracy']:.4f} |"]
+        else:
+            out += ["| side | samples/s | test Pearson | test Spearman | test RMSE |", "|---|---|---|---|---|",
+                    f"| raypipe (standardised target) | {t['raypipe_samples_per_s']:.1f} | {rp['test_pearson']:.4f} | "
+                    f"{rp['test_spearman']:.4f} | {rp['test_rmse']:.4f} |",
+                    f"| HF Trainer (regression, raw target) | {t['trainer_samples_per_s']:.1f} | {hf['pearson']:.4f} | "
+                    f"{hf['spearman']:.4f} | {hf['rmse']:.4f} |"]
+        out += ["", f"samples/s raypipe / Trainer: **{t['ratio']:.2f}×**. Registered {t['registered']} "
+                f"({t['promotion']}).", ""]
+        if t.get("http_samples"):
+            out += ["Sample predictions of the served champion over HTTP:", "", "| input | predicted | true |",
+                    "|---|---|---|"]
+            for smp in t["http_samples"]:
+                text = smp["input"].replace("|", "\\|")[:70]
+                out.append(f"| {text} | {smp['predicted']} | {smp['expected']} |")
+            out.append("")
+    return out
+
+
+RENDER = {"tasks": render_tasks, "train": render_train, "sst2": render_sst2, "data": render_data, "serve": render_serve,
           "tune": render_tune, "startup": render_startup}
 
 
@@ -222,6 +257,13 @@ def summary(results: dict[str, dict[str, Any]]) -> list[str]:
         for row in u["rows"]:
             if row.get("target"):
                 out.append(f"| 5. {row['what']} | ≤ {row['target']:.0%} | {row['value']:.0%} | {_yes(row['met'])} |")
+    k = results.get("tasks")
+    if k:
+        for name, t in k["tasks"].items():
+            key = "test_micro_f1" if t["task"] == "multi_label" else "test_pearson"
+            other = "micro_f1" if t["task"] == "multi_label" else "pearson"
+            out.append(f"| 8. {name} raypipe vs HF Trainer (CPU) | — | {t['ratio']:.2f}× samples/s, {key} "
+                       f"{t['raypipe_test'][key]:.3f} vs {t['trainer_test'][other]:.3f} | — |")
     st = results.get("startup")
     if st:
         sec = st["seconds"]

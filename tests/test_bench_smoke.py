@@ -160,3 +160,24 @@ def test_serve_quick(ray_local, tmp_path):
     from bench import report
 
     assert any("p50 / p99" in line for line in report.render_serve({**res, "wall_s": 1}))
+
+
+GOEMOTIONS = ROOT.parent / "shared" / "data" / "goemotions"
+needs_task_data = pytest.mark.skipif(not (GOEMOTIONS / "train.tsv").is_file() or not (SST2.parent / "stsb").is_dir(),
+                                     reason="GoEmotions/STS-B not found beside the checkout")
+
+
+@needs_task_data
+@pytest.mark.ray
+def test_tasks_quick(ray_local, tmp_path):
+    """The task benchmark's whole harness: both example configs through pipeline.run and the
+    Trainer baseline, on the tiny model and 200 training rows."""
+    from bench import tasks
+
+    res = tasks.run(quick=True, work=tmp_path)
+    emo, sts = res["tasks"]["goemotions"], res["tasks"]["stsb"]
+    assert emo["task"] == "multi_label" and sts["task"] == "regression"
+    assert emo["train_rows"] == 200 and emo["test_rows"] == 5427 and sts["test_rows"] == 1500
+    assert 0.0 <= emo["raypipe_test"]["test_micro_f1"] <= 1.0 and 0.0 <= emo["trainer_test"]["micro_f1"] <= 1.0
+    assert -1.0 <= sts["trainer_test"]["pearson"] <= 1.0 and "test_spearman" in sts["raypipe_test"]
+    assert all(_finite(t["ratio"]) for t in (emo, sts)) and emo["registered"].startswith("models:/")

@@ -1,0 +1,173 @@
+"""Benchmark 8 — the tasks beyond single-label classification, on real data: GoEmotions
+(multi-label, 28 emotions) and STS-B (sentence-pair regression, 0-5), raypipe vs the Hugging Face
+``Trainer``.
+
+The raypipe side is the whole pipeline a user runs — ``pipeline.run`` on the shipped example
+config (``examples/configs/goemotions.yaml``, ``stsb.yaml``): read and split, train, evaluate on
+the held-out test file, register the champion, serve it and query it over HTTP. The Trainer side
+fine-tunes the same MiniLM on the *same* training rows (raypipe's ``load_splits``, handed to
+both) for the same epochs, batch size, learning rate, warm-up and seed, with transformers' own
+``problem_type`` (``multi_label_classification``: sigmoid + BCE, threshold 0.5; ``regression``:
+MSE on the raw score) and ``DataCollatorWithPadding``, and is scored on the same test rows with
+the same metric formulas. samples/s counts training steps only on both sides.
+
+For GoEmotions raypipe's test F1 is given twice: with the per-label thresholds it fits on the
+validation file (what it serves) and at a flat 0.5 (what the Trainer recipe uses), so the effect
+of the thresholds and that of the training are told apart.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import common as C
+
+DATA_DIR = C.ROOT.parent / "shared" / "data"
+EXAMPLES = C.ROOT / "examples" / "configs"
+TASKS = ("goemotions", "stsb")
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"model": "tiny", "epochs": 1, "max_samples": 200, "serve": False}
+    return {"model": "minilm", "epochs": None, "max_samples": None, "serve": True}  # None: the example's
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def f1_scores(probs: Any, truth: Any, thresholds: Any) -> dict[str, float]:
+    """micro/macro F1 and subset accuracy of label sets (the formulas of raypipe's multi_label task)."""
+    import numpy as np
+
+    pred = probs >= np.asarray(thresholds)[None, :]
+    truth = truth.astype(bool)
+    tp = (pred & truth).sum(0).astype(float)
+    fp = (pred & ~truth).sum(0).astype(float)
+    fn = (~pred & truth).sum(0).astype(float)
+
+    def f1(tp: Any, fp: Any, fn: Any) -> Any:
+        d = 2 * tp + fp + fn
+        return np.where(d > 0, 2 * tp / np.maximum(d, 1), 0.0)
+
+    return {"micro_f1": float(f1(tp.sum(), fp.sum(), fn.sum())), "macro_f1": float(f1(tp, fp, fn).mean()),
+            "subset_accuracy": float((pred == truth).all(1).mean())}
+
+
+def correlations(pred: Any, truth: Any) -> dict[str, float]:
+    import numpy as np
+    import pandas as pd
+
+    pred, truth = np.asarray(pred, dtype=float), np.asarray(truth, dtype=float)
+    return {"pearson": float(np.corrcoef(pred, truth)[0, 1]),
+            "spearman": float(pd.Series(pred).corr(pd.Series(truth), method="spearman")),
+            "rmse": float(np.sqrt(np.mean((pred - truth) ** 2)))}
+
+
+# ----------------------------------------------------------------------------- one task
+
+
+def _config(name: str, s: dict[str, Any], work: Path) -> tuple[Any, str]:
+    from raypipe.config import load_config
+
+    os.environ.setdefault("RAYPIPE_DATA_DIR", str(DATA_DIR))
+    src = C.model_source(s["model"], work)
+    overrides = [f"workdir={work / name}", f"model.name={src}", f"serve.port={C.free_port()}"]
+    if s["epochs"]:
+        overrides.append(f"train.epochs={s['epochs']}")
+    if s["max_samples"]:
+        overrides.append(f"data.max_samples={s['max_samples']}")
+    if s["model"] == "tiny":
+        overrides.append("train.lr=1e-3")
+    return load_config(EXAMPLES / f"{name}.yaml", overrides), src
+
+
+def run_task(name: str, s: dict[str, Any], work: Path) -> dict[str, Any]:
+    import numpy as np
+
+    from bench.hf_trainer import run_trainer
+    from raypipe import pipeline
+    from raypipe.data import load_splits
+    from raypipe.predict import Predictor
+
+    cfg, src = _config(name, s, work)
+    cfg = cfg.with_absolute_paths()
+    splits = load_splits(cfg.data, cfg.task)
+    pair = splits.schema.get("inputs") == "pair"
+
+    def inputs(frame: Any) -> list[Any]:
+        return list(zip(frame["text"], frame["text_pair"])) if pair else list(frame["text"])
+
+    t0 = time.perf_counter()
+    res = pipeline.run(cfg, serve=s["serve"], samples=6)
+    pipeline_wall = time.perf_counter() - t0
+    h = res.train.history
+    rp_sps = len(h) / sum(1.0 / e["samples_per_s"] for e in h)
+    test_in = inputs(splits.test)
+    out: dict[str, Any] = {
+        "task": cfg.task, "train_rows": len(splits.train), "val_rows": len(splits.val), "test_rows": len(splits.test),
+        "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
+        "max_length": cfg.data.max_length, "raypipe_samples_per_s": rp_sps, "pipeline_wall_s": pipeline_wall,
+        "stage_seconds": res.stage_seconds, "raypipe_test": dict(res.evaluation.metrics),
+        "registered": res.registration.uri if res.registration else None,
+        "promotion": res.registration.decision.reason if res.registration else None,
+        "http_samples": res.samples,
+    }
+
+    if cfg.task == "multi_label":
+        labels = list(splits.schema["labels"])
+        index = {label: j for j, label in enumerate(labels)}
+
+        def onehot(frame: Any) -> Any:
+            m = np.zeros((len(frame), len(labels)), dtype=np.float32)
+            for i, row in enumerate(frame["label"]):
+                for label in row:
+                    m[i, index[label]] = 1.0
+            return m
+
+        truth = onehot(splits.test)
+        probs = Predictor.from_dir(res.train.best_checkpoint, device="cpu").predict_proba(test_in)
+        out["raypipe_at_0.5"] = f1_scores(probs, truth, [0.5] * len(labels))
+        train_y, test_y, problem = [list(r) for r in onehot(splits.train)], [list(r) for r in truth], \
+            "multi_label_classification"
+    else:
+        train_y, test_y, problem = [float(v) for v in splits.train["label"]], [float(v) for v in splits.test["label"]], \
+            "regression"
+    hf = run_trainer(src, inputs(splits.train), train_y,
+                     test_in, test_y, num_labels=len(train_y[0]) if problem != "regression" else 1,
+                     max_length=cfg.data.max_length, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
+                     lr=cfg.train.lr, warmup_ratio=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay,
+                     seed=cfg.train.seed, problem_type=problem, return_predictions=True)
+    pred = hf.pop("predictions")
+    if problem == "regression":
+        out["trainer_test"] = correlations(pred.reshape(-1), test_y)
+    else:
+        out["trainer_test"] = f1_scores(1.0 / (1.0 + np.exp(-pred)), np.asarray(test_y), [0.5] * len(test_y[0]))
+    out["trainer_samples_per_s"] = hf["samples_per_s"]
+    out["ratio"] = rp_sps / hf["samples_per_s"]
+    return out
+
+
+def run(quick: bool = False, repeats: int | None = None, work: Path | None = None) -> dict[str, Any]:
+    s = settings(quick)
+    work = work or Path(tempfile.mkdtemp(prefix="raypipe-bench-tasks-"))
+    results = {}
+    with C.ray_session(num_cpus=os.cpu_count() or 2):
+        for name in TASKS:
+            t0 = time.perf_counter()
+            results[name] = run_task(name, s, work)
+            C.log(f"tasks {name}: {time.perf_counter() - t0:.0f}s")
+    return {
+        "name": "tasks",
+        "title": "8. Multi-label and pair regression on real data: raypipe vs Hugging Face Trainer",
+        "command": "python -m bench tasks" + (" --quick" if quick else ""),
+        "settings": s,
+        "machine": C.machine(),
+        "tasks": results,
+        "rows": [{"task": n, "ratio": {"median": r["ratio"], "min": r["ratio"], "max": r["ratio"], "n": 1}}
+                 for n, r in results.items()],
+    }
