@@ -275,3 +275,34 @@ def test_raypipe_run_pair_classification_is_entailment_style_classification(ray_
                 "--pairs", "goal match team", "league cup striker", "goal match team", "bread soup chef"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("both") and printed[1].startswith("not both"), printed
+
+
+# --------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("task", "name", "good", "bad", "extra", "message"),
+    [
+        ("regression", "rows.csv", "text,label\nthe cat sat,1.0", "a fine day,very high", {},
+         r"row 2: target 'very high' in column 'label' is not a finite number"),
+        ("multi_label", "rows.jsonl", '{"text": "the cat sat", "label": ["a"]}', '{"text": "a fine day", "label": "a"}',
+         {}, r"row 2: .*is a string; a multi-label target is a list, or set data.label_separator"),
+        ("regression", "rows.csv", "text,label\nthe cat sat,1.0", "a fine day,2.5", {"text_pair_column": "sentence2"},
+         r"sentence2"),
+    ],
+    ids=["regression-non-number", "multi-label-not-a-list", "pair-column-missing"],
+)
+def test_raypipe_run_with_bad_targets_exits_2_naming_file_and_row_and_writes_nothing(
+    tmp_path, tiny_model_dir, capsys, task, name, good, bad, extra, message
+):
+    import re
+
+    data = tmp_path / name
+    repeat = good.splitlines()[-1]
+    data.write_text(f"{good}\n{bad}\n" + f"{repeat}\n" * 20, encoding="utf-8")
+    cfg_path = _config(tmp_path, tiny_model_dir, task, {"path": str(data), **extra}, {"epochs": 1, "lr": 1e-3})
+    assert cli(["run", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and re.search(message, err), err
+    work = tmp_path / "work"
+    assert not (work / "mlflow.db").exists() and not (work / "ray_results").exists()
