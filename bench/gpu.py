@@ -149,7 +149,8 @@ def part_sst2(s: dict[str, Any], work: Path, device: str, tokenizer: str | None,
     from transformers import AutoTokenizer
 
     from bench.hf_trainer import run_trainer
-    from bench.plain_loop import tokenize, train as plain_train
+    from bench.plain_loop import tokenize
+    from bench.plain_loop import train as plain_train
 
     os.environ["RAYPIPE_BENCH_SST2"] = str(sst2)
     C.SST2_DIR = sst2

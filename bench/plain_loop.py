@@ -76,7 +76,10 @@ def train(
 ) -> dict[str, Any]:
     """Fine-tune and return per-epoch samples/s (training steps only, like raypipe's metric)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoModelForSequenceClassification,
+        get_linear_schedule_with_warmup,
+    )
     from transformers.utils import logging as hf_logging
 
     dev = torch.device(device)

@@ -69,7 +69,8 @@ def raypipe_config(work: Path, model_src: str, train_csv: Path, val_csv: Path, s
 def run(quick: bool = False, repeats: int | None = None, work: Path | None = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from bench.plain_loop import tokenize, train as plain_train
+    from bench.plain_loop import tokenize
+    from bench.plain_loop import train as plain_train
     from raypipe import training
 
     s = settings(quick)

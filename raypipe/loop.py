@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
 import ray.train
 import ray.train.torch
+import torch
+
 from raypipe import tasks
 from raypipe.batches import evaluate_rows, num_rows, to_device
 from raypipe.config import RaypipeConfig, config_from_dict

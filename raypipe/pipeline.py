@@ -195,7 +195,6 @@ def _token(cfg: RaypipeConfig) -> str | None:
 
 def _dashboard_url() -> str | None:
     try:
-        import ray
 
         from ray._private.worker import get_dashboard_url  # ray.worker's is deprecated
 

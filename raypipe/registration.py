@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from raypipe.errors import CheckpointError
-from raypipe.registry import RegisterResult, add_version, check_model_name, check_task, clean_metrics
+from raypipe.registry import (
+    RegisterResult,
+    add_version,
+    check_model_name,
+    check_task,
+    clean_metrics,
+)
 
 
 def run(

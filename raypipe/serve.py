@@ -61,7 +61,13 @@ from raypipe.api import (
     resolve_token,
     warm_up,
 )
-from raypipe.config import RaypipeConfig, ServeConfig, apply_overrides, config_from_dict, load_config
+from raypipe.config import (
+    RaypipeConfig,
+    ServeConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+)
 from raypipe.errors import ConfigError, RaypipeError
 
 logger = logging.getLogger(__name__)

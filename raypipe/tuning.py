@@ -185,7 +185,12 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
 
     from raypipe import training
     from raypipe.runtime import ensure_ray, resolve_use_gpu
-    from raypipe.tracking import configure, finish_sweep_run, start_sweep_run, trial_logger
+    from raypipe.tracking import (
+        configure,
+        finish_sweep_run,
+        start_sweep_run,
+        trial_logger,
+    )
 
     ensure_ray(cfg)
     use_gpu = resolve_use_gpu(cfg)
@@ -265,7 +270,9 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
 
 def _state_api_available() -> bool:
     try:
-        from ray._private.worker import get_dashboard_url  # ray.worker's copy warns of deprecation
+        from ray._private.worker import (
+            get_dashboard_url,  # ray.worker's copy warns of deprecation
+        )
 
         return bool(get_dashboard_url())
     except Exception:

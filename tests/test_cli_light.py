@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 HEAVY = ("torch", "ray", "mlflow", "transformers")
 COMMANDS = ("validate", "train", "tune", "evaluate", "register", "models", "serve", "predict", "run", "ui")
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +156,9 @@ def test_predict_offline_from_checkpoint(tiny_checkpoint):
 
 
 def test_predict_missing_checkpoint_exits_2(tmp_path, capsys):
-    from raypipe.cli import main  # in-process: a subprocess would pay torch's import again
+    from raypipe.cli import (
+        main,  # in-process: a subprocess would pay torch's import again
+    )
 
     assert main(["predict", "--model", str(tmp_path / "nope"), "hello"]) == 2
     err = capsys.readouterr().err

@@ -79,6 +79,7 @@ def test_resolve_unknown_packaged_model_is_missing_extra():
 
 def test_save_load_round_trip_identical_logits(tmp_path, tiny_model_dir):
     import torch
+
     from raypipe.config import ModelConfig
 
     torch.manual_seed(1)

@@ -3,6 +3,7 @@ from raypipe.predict import Predictor
 
 def test_checkpoint_roundtrip_predicts_same_logits(tiny_checkpoint, tiny_model_dir):
     import torch
+
     from raypipe.model import load_checkpoint
 
     model, tok, meta = load_checkpoint(tiny_checkpoint)

@@ -13,7 +13,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_evaluation import config_file, make_constant_checkpoint, module_config, train_tiny_checkpoint
+from test_evaluation import (
+    config_file,
+    make_constant_checkpoint,
+    module_config,
+    train_tiny_checkpoint,
+)
 
 from raypipe import __version__
 from raypipe.errors import CheckpointError, DataError, RegistryError

@@ -39,10 +39,10 @@ def _multi_rows(n: int) -> list[dict]:
 
 
 def _checkpoint(tmp: Path, tiny_model_dir: Path, task: str, schema: dict) -> Path:
+    import torch
+
     from raypipe.config import ModelConfig
     from raypipe.model import build, save_checkpoint
-
-    import torch
 
     torch.manual_seed(0)
     model, tokenizer = build(ModelConfig(name=str(tiny_model_dir)), schema, task)

@@ -29,7 +29,10 @@ import threading
 import time
 from pathlib import Path
 
-from fault_probe import events, probe_loop  # a sibling module: this script's directory is on sys.path
+from fault_probe import (  # a sibling module: this script's directory is on sys.path
+    events,
+    probe_loop,
+)
 
 PARK_RANK = 1
 PARK_AT_STEP = 4

@@ -7,7 +7,6 @@ status is the process's own and stderr is checked for a traceback.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -158,7 +157,7 @@ def test_a_missing_store_is_exit_2_for_models_predict_and_evaluate_and_is_not_cr
     for argv in (
         ["models", override],
         ["predict", "--model", "models:/any@champion", "x", "--config", _cfg_file(tmp_path, override)],
-        ["evaluate", f"models:/any@champion", override, "--no-log"],
+        ["evaluate", "models:/any@champion", override, "--no-log"],
     ):
         code = main(argv)
         err = capsys.readouterr().err
