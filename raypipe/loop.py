@@ -22,7 +22,8 @@ import ray.train.torch
 import torch
 
 from raypipe import tasks
-from raypipe.batches import evaluate_rows, num_rows, to_device
+from raypipe.batches import evaluate_rows, num_rows
+from raypipe.batches import to_device as _to_device  # looked up per batch (tests/reliability wrap it)
 from raypipe.config import RaypipeConfig, config_from_dict
 from raypipe.model import auto_class, build, load_train_state, save_checkpoint
 
@@ -188,7 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         last_print = t0
         for i, sel in enumerate(batches):
-            batch = to_device(task, train_rows, sel, device)
+            batch = _to_device(task, train_rows, sel, device)
             final_micro = (i + 1) % tc.grad_accum_steps == 0 or i + 1 == len(batches)
             sync = nullcontext() if final_micro or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
