@@ -1,7 +1,7 @@
 """Benchmark 5 — tuning efficiency: ASHA vs FIFO on the same 8-trial grid.
 
-Both sweeps run ``raypipe.tuning.run`` (registration off) over the same grid of 8 configs
-(4 learning rates x 2 batch sizes), same data (an SST-2 subsample, full dev set as
+Both sweeps run ``raypipe.tuning.run`` (it only sweeps, it never registers) over the same grid
+of 8 configs (4 learning rates x 2 batch sizes), same data (an SST-2 subsample, full dev set as
 validation), same epochs, tiny model. Counted from Tune's per-trial ``result.json``:
 
 * trial-epochs: epochs trained, summed over trials (what a sweep costs);
@@ -106,7 +106,7 @@ def run(quick: bool = False, repeats: int | None = None, work: Path | None = Non
                                        "reduction_factor": s["reduction_factor"]}},
             })
             t0 = time.perf_counter()
-            res = tuning.run(cfg, register=False)
+            res = tuning.run(cfg)
             wall = time.perf_counter() - t0
             reps = reports(res.sweep_path)
             sweeps[name] = {

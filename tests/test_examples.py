@@ -108,6 +108,8 @@ def run_example(monkeypatch, capsys):
 class Recorder:
     """Stands in for a stage: records the config and options it was called with."""
 
+    best_checkpoint, best_run_id = "/sweep/best/checkpoint", "best-run-id"
+
     def __init__(self, raises: Exception | None = None):
         self.calls: list[tuple[object, dict]] = []
         self.raises = raises
@@ -126,10 +128,12 @@ class Recorder:
 def stages(monkeypatch):
     import raypipe.pipeline
 
-    rec = {"train.py": Recorder(), "tune.py": Recorder(), "pipeline.py": Recorder()}
+    rec = {"train.py": Recorder(), "tune.py": Recorder(), "pipeline.py": Recorder(), "winner": []}
     monkeypatch.setattr(raypipe, "train", rec["train.py"])
     monkeypatch.setattr(raypipe, "tune", rec["tune.py"])
     monkeypatch.setattr(raypipe.pipeline, "run", rec["pipeline.py"])
+    monkeypatch.setattr(raypipe.pipeline, "evaluate_and_register",
+                        lambda cfg, checkpoint, **kw: rec["winner"].append((checkpoint, kw)))
     return rec
 
 
@@ -162,8 +166,15 @@ def test_smoke_test_never_grows_a_run(run_example, stages):
 def test_script_specific_options(run_example, stages):
     run_example("tune.py", "--config", QUICKSTART, "--resume")
     run_example("pipeline.py", "--config", QUICKSTART, "--no-serve")
-    assert stages["tune.py"].calls[0][1] == {"resume": True}
+    kwargs = stages["tune.py"].calls[0][1]
+    assert kwargs["resume"] is True and kwargs["splits"].summary()  # the data, read once
     assert stages["pipeline.py"].calls[0][1] == {"serve": False}
+    # the sweep's winner is evaluated and registered on the same splits, unless --no-register
+    (checkpoint, kw), = stages["winner"]
+    assert checkpoint == Recorder.best_checkpoint and kw["source_run_id"] == Recorder.best_run_id
+    assert kw["splits"] is kwargs["splits"]
+    run_example("tune.py", "--config", QUICKSTART, "--no-register")
+    assert len(stages["winner"]) == 1 and len(stages["tune.py"].calls) == 2
 
 
 def test_storage_path_comes_from_the_environment_a_cluster_sets(run_example, stages, monkeypatch):
