@@ -54,7 +54,7 @@ def test_two_worker_run_learns_and_logs_every_epoch(ray_local, tiny_config):
     assert runs[0].data.tags["data.fingerprint"] == result.fingerprint
     assert runs[0].data.tags["version.ray"].startswith("2.")
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"checkpoint", "plots", "config.yaml", "labels.json"} <= artifacts
+    assert {"checkpoint", "plots", "config.yaml", "schema.json"} <= artifacts  # the task and its schema
     assert {"checkpoint/model.safetensors", "checkpoint/raypipe.json"} <= {
         a.path for a in client.list_artifacts(run_id, "checkpoint")
     }
@@ -144,7 +144,7 @@ def test_local_mode_trains_in_process_and_still_logs_metrics(ray_local, tiny_con
 
     cfg = _cfg(tiny_config, scaling__num_workers=0, train__epochs=3, train__keep_checkpoints=1)
     result = run(cfg)
-    assert read_meta(result.best_checkpoint)["labels"] == ["food", "sport", "tech"]
+    assert read_meta(result.best_checkpoint)["schema"]["labels"] == ["food", "sport", "tech"]
     client, runs = _runs(cfg)
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [1, 2, 3]
     from pathlib import Path
