@@ -371,3 +371,17 @@ def test_the_gate_knows_lower_is_better_and_a_model_name_holds_one_task(tmp_path
     with pytest.raises(RegistryError, match="'sts' holds regression models .* a classification model"):
         register_checkpoint(tiny_checkpoint, cfg.model_copy(update={"task": "classification"}), name="sts",
                             metrics={"test_macro_f1": 0.5, "test_rmse": 0.1})
+
+
+def test_declared_label_names_are_the_models_labels_even_when_training_lacks_one(tmp_path):
+    from raypipe.data import load_splits
+
+    rows = [{"text": f"text {i}", "label": [i % 2]} for i in range(40)] + [{"text": "rare", "label": [3]}]
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:40]), encoding="utf-8")
+    dev.write_text("".join(json.dumps(r) + "\n" for r in rows[-5:]), encoding="utf-8")
+    cfg = DataConfig(path=str(train), validation_path=str(dev), label_names=EMOTIONS)
+    splits = load_splits(cfg, "multi_label")
+    assert splits.schema["labels"] == list(EMOTIONS)  # 'surprise' (id 3) never occurs in train
+    with pytest.raises(DataError, match="never occurs in the training data"):
+        load_splits(DataConfig(path=str(train), validation_path=str(dev)), "multi_label")

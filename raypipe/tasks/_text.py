@@ -167,10 +167,12 @@ def name_label(v: Any, names: tuple[str, ...] | None) -> str | None:
 
 
 def ordered_labels(seen: set[str], names: tuple[str, ...] | None) -> list[str]:
-    """The label list of a model: named labels in their id order, others sorted."""
+    """The label list of a model: every name of ``data.label_names`` in id order (the label set is
+    declared, so a label that a subsample of the training data lacks still has an output and
+    ids keep their meaning), else the labels the training split has, sorted."""
     if names is None:
         return sort_labels(seen)
-    return [n for n in names if n in seen]
+    return list(dict.fromkeys(names))
 
 
 def unseen_error(frame_labels: Any, known: set[str], role: str, where: str, labels: list[str]) -> None:
