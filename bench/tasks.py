@@ -33,8 +33,9 @@ TASKS = ("goemotions", "stsb")
 
 def settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"model": "tiny", "epochs": 1, "max_samples": 200, "serve": False}
-    return {"model": "minilm", "epochs": None, "max_samples": None, "serve": True}  # None: the example's
+        return {"model": "tiny", "epochs": 1, "max_samples": 200, "serve": False, "eval_lines": 300}
+    return {"model": "minilm", "epochs": None, "max_samples": None, "serve": True,  # None: the example's
+            "eval_lines": None}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -83,7 +84,17 @@ def _config(name: str, s: dict[str, Any], work: Path) -> tuple[Any, str]:
         overrides.append(f"data.max_samples={s['max_samples']}")
     if s["model"] == "tiny":
         overrides.append("train.lr=1e-3")
-    return load_config(EXAMPLES / f"{name}.yaml", overrides), src
+    cfg = load_config(EXAMPLES / f"{name}.yaml", overrides)
+    if s["eval_lines"]:  # quick: the opening lines of the validation/test files, beside the run
+        for key in ("validation_path", "test_path"):
+            path = getattr(cfg.data, key)
+            if path:
+                lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)[: s["eval_lines"]]
+                short = work / f"{name}-{key}{Path(path).suffix}"
+                short.write_text("".join(lines), encoding="utf-8")
+                overrides.append(f"data.{key}={short}")
+        cfg = load_config(EXAMPLES / f"{name}.yaml", overrides)
+    return cfg, src
 
 
 def run_task(name: str, s: dict[str, Any], work: Path) -> dict[str, Any]:
