@@ -260,3 +260,14 @@ def forward_logits(model: Any, tokenizer: Any, inputs: Sequence[Any], schema: Ma
             out[idx] = logits
     assert out is not None  # check_inputs refuses an empty list
     return out
+
+
+def label_head(schema: Mapping[str, Any], problem_type: str) -> dict[str, Any]:
+    """``from_pretrained`` kwargs of a head with one output per label of the schema."""
+    labels = list(schema["labels"])
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+        "problem_type": problem_type,
+    }

@@ -104,13 +104,7 @@ class ClassificationTask:
     # --- model and metrics --------------------------------------------------------------
 
     def model_kwargs(self, schema: Mapping[str, Any]) -> dict[str, Any]:
-        labels = list(schema["labels"])
-        return {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels)),
-            "label2id": {label: i for i, label in enumerate(labels)},
-            "problem_type": "single_label_classification",
-        }
+        return _text.label_head(schema, "single_label_classification")
 
     def accumulator(self, schema: Mapping[str, Any], *, fit: bool) -> ConfusionAccumulator:
         return ConfusionAccumulator(list(schema["labels"]))
