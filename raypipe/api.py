@@ -8,10 +8,13 @@ plugs its dynamic batching in through ``predict_fn``; tests use it directly with
 
 Routes
     ``POST /predict``  ``{"texts": [...]}`` or ``{"text": "..."}`` (``{"pairs": [[a, b], ...]}`` for
-                       a sentence-pair model), optional ``"top_k"``
+                       a sentence-pair model; ``{"tokens": [[w1, w2, ...], ...]}``, pre-split
+                       words, for a token-classification model), optional ``"top_k"``
                        -> ``{"predictions": [<the task's prediction>, ...], "model": {...}}``:
                        ``{"label", "score", "probabilities"}`` for a classifier,
-                       ``{"labels", "scores"}`` for multi-label, ``{"value"}`` for regression.
+                       ``{"labels", "scores"}`` for multi-label, ``{"value"}`` for regression,
+                       ``{"entities": [{"type", "text", "start", "end", "score"}], "words", "tags"}``
+                       for token classification.
                        ``/openapi.json`` describes the request and answer of the model loaded now.
     ``GET /health``    liveness: the process answers (never needs a token)
     ``GET /ready``     200 once a model is loaded *and* warmed up, 503 before
@@ -108,6 +111,10 @@ class PredictRequest(BaseModel):
     pairs: list[tuple[StrictStr, StrictStr]] | None = Field(
         None, description="Sentence pairs [text_a, text_b] (1..serve.max_texts), for a model trained on pairs."
     )
+    tokens: list[list[StrictStr]] | None = Field(
+        None, description="Pre-split words, one list per input (1..serve.max_texts), for a token-classification "
+        "model; entity offsets then refer to the words joined by single spaces."
+    )
     top_k: StrictInt | None = Field(
         None, ge=1, description="Return only the k highest per-label scores (classification, multi-label)."
     )
@@ -136,6 +143,27 @@ class PredictRequest(BaseModel):
         _limited(v, "pairs", limits, problems)
         return v
 
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, v: list[list[str]] | None, info: ValidationInfo) -> list[list[str]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("the list is empty; send at least one list of words")
+        limits = info.context or {}
+        problems = []
+        for i, words in enumerate(v):
+            if not words:
+                problems.append(f"tokens[{i}] is an empty list of words")
+                continue
+            bad = next((j for j, w in enumerate(words) if not w.strip()), None)
+            if bad is not None:
+                problems.append(f"tokens[{i}][{bad}] is empty or whitespace only")
+            elif p := _text_problem(" ".join(words), f"tokens[{i}]", limits):
+                problems.append(p)
+        _limited(v, "word lists", limits, problems)
+        return v
+
     @field_validator("text")
     @classmethod
     def _text(cls, v: str | None, info: ValidationInfo) -> str | None:
@@ -145,16 +173,18 @@ class PredictRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_of(self) -> PredictRequest:
-        if sum(x is not None for x in (self.texts, self.text, self.pairs)) != 1:
+        if sum(x is not None for x in (self.texts, self.text, self.pairs, self.tokens)) != 1:
             raise ValueError(
-                'send exactly one of "texts" (a list of strings), "text" (a string) or "pairs" (a list '
-                'of [text_a, text_b]), e.g. {"texts": ["some text"]}'
+                'send exactly one of "texts" (a list of strings), "text" (a string), "pairs" (a list '
+                'of [text_a, text_b]) or "tokens" (a list of word lists), e.g. {"texts": ["some text"]}'
             )
         return self
 
     def inputs(self) -> list[Any]:
         if self.pairs is not None:
             return [tuple(p) for p in self.pairs]
+        if self.tokens is not None:
+            return [list(t) for t in self.tokens]
         return self.texts if self.texts is not None else [self.text]  # type: ignore[list-item]
 
 
@@ -174,6 +204,20 @@ class PairRequest(BaseModel):
         "examples": [{"pairs": [["A man is playing a guitar.", "Someone plays an instrument."]]}]})
     pairs: list[tuple[str, str]] = Field(description=PredictRequest.model_fields["pairs"].description)
     top_k: int | None = PredictRequest.model_fields["top_k"]
+
+
+class TokensRequest(BaseModel):
+    """The request of a token-classification model (``/openapi.json`` while one is served)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"texts": ["Angela Merkel visited Paris on Monday."]},
+                     {"tokens": [["Angela", "Merkel", "visited", "Paris", "."]]}]})
+    texts: list[str] | None = PredictRequest.model_fields["texts"]
+    text: str | None = PredictRequest.model_fields["text"]
+    tokens: list[list[str]] | None = PredictRequest.model_fields["tokens"]
+
+
+REQUESTS: dict[str, type[BaseModel]] = {"text": TextRequest, "pair": PairRequest, "tokens": TokensRequest}
 
 
 def _text_problem(text: str, where: str, limits: dict[str, Any]) -> str | None:
@@ -219,7 +263,8 @@ class Metadata(BaseModel):
     source: str | None = Field(None, description="The URI or dir the model was loaded from.")
     path: str | None = Field(None, description="Local checkpoint dir on the replica.")
     task: str = Field(description="What the model predicts: classification, multi_label, regression, ...")
-    inputs: str = Field(description="'text' (send texts) or 'pair' (send pairs).")
+    inputs: str = Field(description="'text' (send texts), 'pair' (send pairs) or 'tokens' (send texts or "
+                        "word lists).")
     labels: list[str] = Field(description="The labels a label model predicts (empty otherwise).")
     max_length: int = Field(description="Tokens per text; longer texts are truncated.")
     raypipe_version: str
@@ -475,14 +520,15 @@ def _problems(err: ValidationError) -> list[str]:
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
         kind, msg = e["type"], e["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
-            msg = (f"unknown field '{loc}': send \"texts\" (list of strings), \"text\" (a string) or \"pairs\" "
-                   "(list of [text_a, text_b]), optionally \"top_k\"")
+            msg = (f"unknown field '{loc}': send \"texts\" (list of strings), \"text\" (a string), \"pairs\" "
+                   "(list of [text_a, text_b]) or \"tokens\" (list of word lists), optionally \"top_k\"")
             out.append(msg)
             continue
         if kind == "string_type":
             msg = "must be a string"
         elif kind == "list_type":
-            msg = "must be a list of strings" if not loc.startswith("pairs") else "must be a list of [text_a, text_b] pairs"
+            msg = ("must be a list of [text_a, text_b] pairs" if loc.startswith("pairs") else
+                   "must be a list of word lists" if loc == "tokens" else "must be a list of strings")
         elif kind in ("tuple_type", "too_short", "too_long") and loc.startswith("pairs"):
             msg = "must be a pair [text_a, text_b] of two strings"
         elif kind == "int_type":
@@ -613,7 +659,7 @@ def create_app(
             source=source() if source else meta.get("path"),
             path=meta.get("path"),
             task=predictor.task.name,
-            inputs="pair" if predictor.pair else "text",
+            inputs=predictor.inputs,
             labels=predictor.labels,
             max_length=predictor.max_length,
             raypipe_version=__version__,
@@ -667,6 +713,9 @@ def create_app(
         if not predictor.pair and req.pairs is not None:
             raise ApiError(422, 'this model takes single texts: send {"texts": ["some text"]}',
                            ["pairs: only a model trained on sentence pairs takes them"])
+        if req.tokens is not None and predictor.inputs != "tokens":
+            raise ApiError(422, 'this model takes texts: send {"texts": ["some text"]}',
+                           ["tokens: only a token-classification model takes word lists"])
         if req.top_k is not None:
             if not ranks_labels(predictor):
                 raise ApiError(422, f"top_k applies to models that score labels; this is a {predictor.task.name} model",
@@ -683,13 +732,13 @@ def create_app(
     def openapi() -> dict[str, Any]:
         """The schema of the model being served: its request (texts or pairs) and its answer."""
         predictor = predictor_provider()
-        key = (predictor.task.name, predictor.pair) if predictor is not None else None
+        key = (predictor.task.name, predictor.inputs) if predictor is not None else None
         if key not in cached:
             app.openapi_schema = None
             doc = base_openapi()
             app.openapi_schema = None
             if predictor is not None:
-                _describe_predict(doc, PairRequest if predictor.pair else TextRequest, response_model(predictor.task))
+                _describe_predict(doc, REQUESTS.get(predictor.inputs, TextRequest), response_model(predictor.task))
             cached[key] = doc
         return cached[key]
 

@@ -14,9 +14,12 @@ def predict_http(
     top_k: int | None = None,
     token: str | None = None,
     timeout: float = 30,
+    field: str | None = None,
 ) -> dict[str, Any]:
     """POST ``texts`` (or ``(a, b)`` pairs, for a sentence-pair model) to ``<url>/predict``;
-    returns the server's JSON body.
+    returns the server's JSON body. ``field`` names the request field when the inputs' shape
+    does not say it: ``"tokens"`` sends word lists to a token-classification model (default:
+    ``"pairs"`` when every input is a list or tuple, else ``"texts"``).
 
     ``{"predictions": [<one per input, shaped by the model's task>], "model": {"name",
     "version", "run_id"}}``. Any 4xx/5xx answer, a timeout or an unreachable server raises
@@ -27,7 +30,8 @@ def predict_http(
     endpoint = f"{url.rstrip('/')}/predict"
     items = list(texts)
     pairs = bool(items) and all(isinstance(t, (list, tuple)) for t in items)
-    body: dict[str, Any] = {"pairs": [list(p) for p in items]} if pairs else {"texts": items}
+    field = field or ("pairs" if pairs else "texts")
+    body: dict[str, Any] = {field: [list(p) for p in items] if field in ("pairs", "tokens") else items}
     if top_k is not None:
         body["top_k"] = top_k
     headers = {"Authorization": f"Bearer {token}"} if token else {}

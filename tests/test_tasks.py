@@ -54,13 +54,14 @@ def _checkpoint(tmp: Path, tiny_model_dir: Path, task: str, schema: dict) -> Pat
 
 
 def test_every_task_is_registered_with_metrics_and_directions():
-    assert tasks.names() == ["classification", "multi_label", "regression"]
+    assert tasks.names() == ["classification", "multi_label", "regression", "token_classification"]
     for name in tasks.names():
         t = tasks.get(name)
         assert isinstance(t, tasks.Task) and t.name == name
         assert t.default_metric in t.metrics and t.metrics["loss"] == "min"
     assert tasks.direction("val_rmse") == "min" and tasks.direction("test_pearson") == "max"
     assert tasks.direction("val_macro_f1") == "max" and tasks.direction("val_loss") == "min"
+    assert tasks.direction("val_entity_f1") == "max"
 
 
 def test_config_metrics_follow_the_task_and_are_checked_against_it():

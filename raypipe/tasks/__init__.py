@@ -60,6 +60,7 @@ TASKS: dict[str, str] = {
     "classification": "raypipe.tasks.classification:ClassificationTask",
     "multi_label": "raypipe.tasks.multi_label:MultiLabelTask",
     "regression": "raypipe.tasks.regression:RegressionTask",
+    "token_classification": "raypipe.tasks.token_classification:TokenClassificationTask",
 }
 DEFAULT_TASK = "classification"
 
@@ -106,6 +107,9 @@ class Task(Protocol):
     def accumulator(self, schema: Mapping[str, Any], *, fit: bool) -> Accumulator: ...
 
     # --- prediction ---
+    def inputs_of(self, frame: Any) -> list[Any]:
+        """The model inputs of a frame of examples (what ``predict`` takes): texts, pairs, word lists."""
+
     def check_inputs(self, inputs: Sequence[Any], schema: Mapping[str, Any]) -> list[Any]: ...
     def predict(self, model: Any, tokenizer: Any, inputs: Sequence[Any], schema: Mapping[str, Any], *,
                 max_length: int, batch_size: int, **options: Any) -> list[dict[str, Any]]: ...

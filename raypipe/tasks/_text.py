@@ -76,6 +76,13 @@ def is_pair(schema: Mapping[str, Any]) -> bool:
     return schema.get("inputs") == "pair"
 
 
+def inputs_of(frame: Any) -> list[Any]:
+    """Texts, or ``(a, b)`` pairs when the examples have a second text."""
+    if PAIR in frame.columns:
+        return list(zip(frame[TEXT], frame[PAIR]))
+    return list(frame[TEXT])
+
+
 def check_inputs(inputs: Sequence[Any], schema: Mapping[str, Any]) -> list[Any]:
     """Texts (``str``) for a text model, ``(a, b)`` pairs for a pair model; what is wrong otherwise."""
     if isinstance(inputs, str):

@@ -111,6 +111,9 @@ class ClassificationTask:
 
     # --- prediction ---------------------------------------------------------------------
 
+    def inputs_of(self, frame: Any) -> list[Any]:
+        return _text.inputs_of(frame)
+
     def check_inputs(self, inputs: Sequence[Any], schema: Mapping[str, Any]) -> list[Any]:
         return _text.check_inputs(inputs, schema)
 
