@@ -199,6 +199,21 @@ def render_tasks(r: dict[str, Any]) -> list[str]:
                     f"{at['subset_accuracy']:.4f} |",
                     f"| HF Trainer (multi_label_classification, 0.5) | {t['trainer_samples_per_s']:.1f} | "
                     f"{hf['micro_f1']:.4f} | {hf['macro_f1']:.4f} | {hf['subset_accuracy']:.4f} |"]
+        elif t["task"] == "token_classification":
+            types = sorted(t["trainer_per_type_f1"])
+            rp_types = t.get("raypipe_per_type_f1", {})
+            out += ["| side | samples/s | test entity F1 | precision | recall | word accuracy | "
+                    + " | ".join(f"{k} F1" for k in types) + " |", "|---" * (6 + len(types)) + "|",
+                    f"| raypipe (windows, stride) | {t['raypipe_samples_per_s']:.1f} | {rp['test_entity_f1']:.4f} | "
+                    f"{rp['test_entity_precision']:.4f} | {rp['test_entity_recall']:.4f} | {rp['test_token_accuracy']:.4f} | "
+                    + " | ".join(f"{rp_types.get(k, float('nan')):.4f}" for k in types) + " |",
+                    f"| HF Trainer (run_ner recipe, truncation) | {t['trainer_samples_per_s']:.1f} | "
+                    f"{hf['entity_f1']:.4f} | {hf['entity_precision']:.4f} | {hf['entity_recall']:.4f} | "
+                    f"{hf['token_accuracy']:.4f} | " + " | ".join(f"{t['trainer_per_type_f1'][k]:.4f}" for k in types) + " |"]
+            if t.get("sweep"):
+                out += ["", "Sweep (ASHA on validation entity F1): " + "; ".join(
+                    f"lr {tr['config'].get('train.lr')}: {tr['status']} after {tr['epochs']} epoch(s)" for tr in t["sweep"])
+                    + f"; the Trainer ran at the champion's lr {t['lr']}."]
         else:
             out += ["| side | samples/s | test Pearson | test Spearman | test RMSE |", "|---|---|---|---|---|",
                     f"| raypipe (standardised target) | {t['raypipe_samples_per_s']:.1f} | {rp['test_pearson']:.4f} | "
@@ -260,8 +275,8 @@ def summary(results: dict[str, dict[str, Any]]) -> list[str]:
     k = results.get("tasks")
     if k:
         for name, t in k["tasks"].items():
-            key = "test_micro_f1" if t["task"] == "multi_label" else "test_pearson"
-            other = "micro_f1" if t["task"] == "multi_label" else "pearson"
+            key, other = {"multi_label": ("test_micro_f1", "micro_f1"),
+                          "token_classification": ("test_entity_f1", "entity_f1")}.get(t["task"], ("test_pearson", "pearson"))
             out.append(f"| 8. {name} raypipe vs HF Trainer (CPU) | — | {t['ratio']:.2f}× samples/s, {key} "
                        f"{t['raypipe_test'][key]:.3f} vs {t['trainer_test'][other]:.3f} | — |")
     st = results.get("startup")

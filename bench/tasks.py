@@ -1,6 +1,6 @@
 """Benchmark 8 — the tasks beyond single-label classification, on real data: GoEmotions
-(multi-label, 28 emotions) and STS-B (sentence-pair regression, 0-5), raypipe vs the Hugging Face
-``Trainer``.
+(multi-label, 28 emotions), STS-B (sentence-pair regression, 0-5) and CoNLL-2003 (named
+entities), raypipe vs the Hugging Face ``Trainer``.
 
 The raypipe side is the whole pipeline a user runs — ``pipeline.run`` on the shipped example
 config (``examples/configs/goemotions.yaml``, ``stsb.yaml``): read and split, train, evaluate on
@@ -28,7 +28,7 @@ from bench import common as C
 
 DATA_DIR = C.ROOT.parent / "shared" / "data"
 EXAMPLES = C.ROOT / "examples" / "configs"
-TASKS = ("goemotions", "stsb")
+TASKS = ("goemotions", "stsb", "conll2003")
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -101,23 +101,20 @@ def run_task(name: str, s: dict[str, Any], work: Path) -> dict[str, Any]:
     import numpy as np
 
     from bench.hf_trainer import run_trainer
-    from raypipe import pipeline
+    from raypipe import pipeline, tasks
     from raypipe.data import load_splits
     from raypipe.predict import Predictor
 
     cfg, src = _config(name, s, work)
     cfg = cfg.with_absolute_paths()
     splits = load_splits(cfg.data, cfg.task)
-    pair = splits.schema.get("inputs") == "pair"
-
-    def inputs(frame: Any) -> list[Any]:
-        return list(zip(frame["text"], frame["text_pair"])) if pair else list(frame["text"])
+    inputs = tasks.get(cfg.task).inputs_of  # texts, (a, b) pairs, or word lists
 
     t0 = time.perf_counter()
     res = pipeline.run(cfg, serve=s["serve"], samples=6)
     pipeline_wall = time.perf_counter() - t0
-    h = res.train.history
-    rp_sps = len(h) / sum(1.0 / e["samples_per_s"] for e in h)
+    h = res.train.history if res.train is not None else []  # a sweep: see _ner
+    rp_sps = len(h) / sum(1.0 / e["samples_per_s"] for e in h) if h else float("nan")
     test_in = inputs(splits.test)
     out: dict[str, Any] = {
         "task": cfg.task, "train_rows": len(splits.train), "val_rows": len(splits.val), "test_rows": len(splits.test),
@@ -129,6 +126,8 @@ def run_task(name: str, s: dict[str, Any], work: Path) -> dict[str, Any]:
         "http_samples": res.samples,
     }
 
+    if cfg.task == "token_classification":
+        return _ner(cfg, src, splits, res, out)
     if cfg.task == "multi_label":
         labels = list(splits.schema["labels"])
         index = {label: j for j, label in enumerate(labels)}
@@ -163,18 +162,66 @@ def run_task(name: str, s: dict[str, Any], work: Path) -> dict[str, Any]:
     return out
 
 
+def _ner(cfg: Any, src: str, splits: Any, res: Any, out: dict[str, Any]) -> dict[str, Any]:
+    """CoNLL-2003: the Trainer gets the champion trial's learning rate (the sweep picked it on
+    validation), the same training sentences, epochs and batch size; both sides are scored on the
+    whole test file with seqeval strict (IOB2). raypipe's samples/s is the champion trial's."""
+    from mlflow.tracking import MlflowClient
+
+    from bench.hf_trainer import run_token_trainer
+    from raypipe.tasks.token_classification import score_tags
+
+    labels = list(splits.schema["labels"])
+    index = {t: i for i, t in enumerate(labels)}
+    lr = float((res.tune.best_config if res.tune else {}).get("train.lr", cfg.train.lr))
+    if res.tune is not None:
+        client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
+        history = client.get_metric_history(res.tune.best_run_id, "samples_per_s")
+        out["raypipe_samples_per_s"] = len(history) / sum(1.0 / m.value for m in history)
+        out["sweep"] = [{k: t.get(k) for k in ("trial_id", "config", "status", "epochs", cfg.tune.metric)}
+                        for t in res.tune.trials]
+    out["lr"] = lr
+    hf = run_token_trainer(src, [list(w) for w in splits.train["tokens"]],
+                           [[index[t] for t in tags] for tags in splits.train["label"]],
+                           [list(w) for w in splits.test["tokens"]], num_labels=len(labels),
+                           max_length=cfg.data.max_length, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
+                           lr=lr, warmup_ratio=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay,
+                           seed=cfg.train.seed)
+    truth = [list(t) for t in splits.test["label"]]
+    pred = [[labels[i] for i in p] for p in hf.pop("predictions")]
+    scores = score_tags(truth, pred, labels, str(splits.schema["scheme"]))
+    out["trainer_test"] = {k: v for k, v in scores.metrics.items() if k != "loss"}
+    out["raypipe_per_type_f1"] = {k: v["f1"] for k, v in res.evaluation.details["per_type"].items()}
+    out["trainer_per_type_f1"] = {k: v["f1"] for k, v in scores.details["per_type"].items()}
+    out["trainer_samples_per_s"] = hf["samples_per_s"]
+    out["ratio"] = out["raypipe_samples_per_s"] / hf["samples_per_s"]
+    out["long_test_sentences"] = int(sum(len(w) > cfg.data.max_length // 2 for w in splits.test["tokens"]))
+    return out
+
+
 def run(quick: bool = False, repeats: int | None = None, work: Path | None = None) -> dict[str, Any]:
+    """``RAYPIPE_BENCH_TASKS=conll2003`` (comma-separated) reruns only those tasks; the others keep
+    their last full results from ``bench/results/tasks.json`` (each task's ratio is measured within
+    its own run, and each says when)."""
+    import json
+
     s = settings(quick)
     work = work or Path(tempfile.mkdtemp(prefix="raypipe-bench-tasks-"))
+    only = [n for n in os.environ.get("RAYPIPE_BENCH_TASKS", "").split(",") if n] or list(TASKS)
+    previous = C.RESULTS_DIR / "tasks.json"
     results = {}
+    if not quick and set(only) != set(TASKS) and previous.exists():
+        results = {n: t for n, t in json.loads(previous.read_text())["tasks"].items() if n in TASKS}
     with C.ray_session(num_cpus=os.cpu_count() or 2):
-        for name in TASKS:
+        for name in only:
             t0 = time.perf_counter()
             results[name] = run_task(name, s, work)
+            results[name]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             C.log(f"tasks {name}: {time.perf_counter() - t0:.0f}s")
+    results = {n: results[n] for n in TASKS if n in results}
     return {
         "name": "tasks",
-        "title": "8. Multi-label and pair regression on real data: raypipe vs Hugging Face Trainer",
+        "title": "8. Multi-label, pair regression and named entities on real data: raypipe vs Hugging Face Trainer",
         "command": "python -m bench tasks" + (" --quick" if quick else ""),
         "settings": s,
         "machine": C.machine(),

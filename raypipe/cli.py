@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raypipe",
         description="Fine-tune, track, tune, register and serve Hugging Face transformers models on Ray "
-        "(classification, multi-label, regression, sentence pairs).",
+        "(classification, multi-label, regression, sentence pairs, named entities).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

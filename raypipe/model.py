@@ -84,6 +84,9 @@ def build(model_cfg: Any, schema: dict[str, Any], task: str | None = None) -> tu
             )
         finally:
             hf_logging.set_verbosity(verbosity)
+        init_head = getattr(tasks.get(task), "init_head", None)  # optional: a task's head initialisation
+        if init_head is not None:
+            init_head(model, schema)
     except OSError as exc:
         raise ConfigError(
             f"model.name: cannot load '{model_cfg.name}' ({exc}). Use a local model dir, "

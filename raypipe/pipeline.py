@@ -122,8 +122,10 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
     out.dashboard_url = getattr(ray.get_runtime_context(), "dashboard_url", None) or _dashboard_url()
     lap("start")
     if cfg.tune.search_space:
-        print(f"[raypipe] stage 1/{stages}: sweep of {cfg.tune.num_samples} trial(s) (tune.search_space)")
         from raypipe.tuning import run as tune
+        from raypipe.tuning import trial_count
+
+        print(f"[raypipe] stage 1/{stages}: sweep of {trial_count(cfg)} trial(s) (tune.search_space)")
 
         out.tune = tune(cfg, splits=splits)
         best, source_run = out.tune.best_checkpoint, out.tune.best_run_id

@@ -107,6 +107,12 @@ def _grid_size(cfg: RaypipeConfig) -> int:
     return size
 
 
+def trial_count(cfg: RaypipeConfig) -> int:
+    """How many trials the sweep runs: the grid's size times ``num_samples`` (once with the
+    ``grid`` search algorithm, which expands every space itself)."""
+    return (1 if cfg.tune.search_alg == "grid" else cfg.tune.num_samples) * max(1, _grid_size(cfg))
+
+
 def _concrete_cpus(cfg: RaypipeConfig) -> RaypipeConfig:
     """``cpus_per_worker: auto`` in a sweep: the trials that can run at once share the nodes."""
     if cfg.scaling.cpus_per_worker != "auto":

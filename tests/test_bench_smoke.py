@@ -170,7 +170,7 @@ needs_task_data = pytest.mark.skipif(not (GOEMOTIONS / "train.tsv").is_file() or
 @needs_task_data
 @pytest.mark.ray
 def test_tasks_quick(ray_local, tmp_path):
-    """The task benchmark's whole harness: both example configs through pipeline.run and the
+    """The task benchmark's whole harness: the three example configs through pipeline.run and the
     Trainer baseline, on the tiny model, 200 training rows and the first 300 lines of the
     validation/test files."""
     from bench import tasks
@@ -182,3 +182,7 @@ def test_tasks_quick(ray_local, tmp_path):
     assert 0.0 <= emo["raypipe_test"]["test_micro_f1"] <= 1.0 and 0.0 <= emo["trainer_test"]["micro_f1"] <= 1.0
     assert -1.0 <= sts["trainer_test"]["pearson"] <= 1.0 and "test_spearman" in sts["raypipe_test"]
     assert all(_finite(t["ratio"]) for t in (emo, sts)) and emo["registered"].startswith("models:/")
+    ner = res["tasks"]["conll2003"]
+    assert ner["task"] == "token_classification" and ner["train_rows"] == 200 and len(ner["sweep"]) == 2
+    assert 0.0 <= ner["raypipe_test"]["test_entity_f1"] <= 1.0 and 0.0 <= ner["trainer_test"]["entity_f1"] <= 1.0
+    assert _finite(ner["ratio"]) and set(ner["trainer_per_type_f1"]) == {"LOC", "MISC", "ORG", "PER"}

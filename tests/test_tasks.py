@@ -386,3 +386,16 @@ def test_declared_label_names_are_the_models_labels_even_when_training_lacks_one
     assert splits.schema["labels"] == list(EMOTIONS)  # 'surprise' (id 3) never occurs in train
     with pytest.raises(DataError, match="never occurs in the training data"):
         load_splits(DataConfig(path=str(train), validation_path=str(dev)), "multi_label")
+
+
+def test_multi_label_head_starts_each_output_at_its_label_frequency(tiny_model_dir):
+    """A fresh sigmoid head at bias 0 says 0.5 for every label; raypipe starts it at the prior."""
+    from raypipe.model import build
+
+    cfg = config_from_dict({"task": "multi_label", "model": {"name": str(tiny_model_dir)}})
+    train = pd.DataFrame({"text": ["x"] * 10, "label": [["a"], ["a", "b"]] + [["c"]] * 8})
+    schema = tasks.get("multi_label").schema(train, cfg.data)
+    assert schema["priors"] == [0.2, 0.1, 0.8]
+    model, _ = build(cfg.model, schema, "multi_label")
+    bias = model.classifier.bias.detach().tolist()
+    assert bias == pytest.approx([math.log(0.2 / 0.8), math.log(0.1 / 0.9), 0.0], abs=1e-5)  # capped at 0.5

@@ -4,7 +4,8 @@ Targets are a list column (JSON, JSONL, Parquet, ``datasets``) or a delimited st
 (``data.label_separator``, e.g. ``"joy,surprise"``); an empty list or empty string is a valid
 example with no label. Integer ids can be named with ``data.label_names`` (e.g. GoEmotions'
 ``emotions.txt``). The head is one sigmoid per label trained with binary cross-entropy
-(``problem_type="multi_label_classification"``).
+(``problem_type="multi_label_classification"``); each output's bias starts at the logit of the
+label's training frequency (``schema.priors``), not at 0.5 for every label.
 
 Decision thresholds: every epoch, each label's threshold is chosen on the validation split to
 maximise that label's F1 (a grid of 0.05 .. 0.95; 0.5 for a label with no positive example
@@ -167,7 +168,12 @@ class MultiLabelTask:
         labels = _text.ordered_labels(seen, _text.label_names(cfg))
         if not labels:
             raise DataError(f"{cfg.path}: no training example has a label; a multi-label model needs at least one")
-        return {"labels": labels, "thresholds": [0.5] * len(labels), **_text.input_schema(train)}
+        counts = {label: 0 for label in labels}
+        for row in train[_text.LABEL]:
+            for label in row:
+                counts[label] += 1
+        priors = [round(counts[label] / max(len(train), 1), 6) for label in labels]
+        return {"labels": labels, "thresholds": [0.5] * len(labels), "priors": priors, **_text.input_schema(train)}
 
     def check(self, frame: Any, schema: Mapping[str, Any], role: str, where: str) -> None:
         _text.unseen_error(list(frame[_text.LABEL]), set(schema["labels"]), role, where, list(schema["labels"]))
@@ -193,6 +199,24 @@ class MultiLabelTask:
 
     def model_kwargs(self, schema: Mapping[str, Any]) -> dict[str, Any]:
         return _text.label_head(schema, "multi_label_classification")
+
+    def init_head(self, model: Any, schema: Mapping[str, Any]) -> None:
+        """Start each label's output at its training frequency (bias = logit(prior), as in the
+        focal-loss paper): a fresh head at bias 0 says 0.5 for all 28 GoEmotions labels, and the
+        first hundreds of steps only push every output down, which a CPU-sized run cannot spare."""
+        import math
+
+        import torch
+
+        priors = schema.get("priors")
+        if not priors:
+            return
+        heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == len(priors)]
+        if not heads or heads[-1].bias is None:
+            return
+        p = [min(max(float(x), 1e-4), 0.5) for x in priors]  # no label starts above even odds
+        with torch.no_grad():
+            heads[-1].bias.copy_(torch.tensor([math.log(x / (1.0 - x)) for x in p]))
 
     def accumulator(self, schema: Mapping[str, Any], *, fit: bool) -> ThresholdAccumulator:
         return ThresholdAccumulator(list(schema["labels"]), schema.get("thresholds"), fit)
