@@ -124,6 +124,8 @@ def test_train_quick(ray_local, tmp_path):
     assert _finite(res["rows"][0]["ratio"]["median"])
 
 
+# slow tier: a benchmark harness smoke run (30-150 s on 2 cores); `make test-slow`
+@pytest.mark.slow
 @pytest.mark.ray
 @needs_sst2
 def test_sst2_quick(ray_local, tmp_path):
@@ -135,6 +137,8 @@ def test_sst2_quick(ray_local, tmp_path):
     assert 0.0 <= row["raypipe_acc"]["median"] <= 1.0 and 0.0 <= row["trainer_acc"]["median"] <= 1.0
 
 
+# slow tier: a benchmark harness smoke run (30-150 s on 2 cores); `make test-slow`
+@pytest.mark.slow
 @pytest.mark.ray
 @needs_sst2
 def test_tune_quick(ray_local, tmp_path):
@@ -146,6 +150,8 @@ def test_tune_quick(ray_local, tmp_path):
     assert 0.0 <= asha["best_acc"] <= 1.0
 
 
+# slow tier: a benchmark harness smoke run (30-150 s on 2 cores); `make test-slow`
+@pytest.mark.slow
 @pytest.mark.ray
 @needs_sst2
 def test_serve_quick(ray_local, tmp_path):
@@ -167,6 +173,8 @@ needs_task_data = pytest.mark.skipif(not (GOEMOTIONS / "train.tsv").is_file() or
                                      reason="GoEmotions/STS-B not found beside the checkout")
 
 
+# slow tier: a benchmark harness smoke run (30-150 s on 2 cores); `make test-slow`
+@pytest.mark.slow
 @needs_task_data
 @pytest.mark.ray
 def test_tasks_quick(ray_local, tmp_path):

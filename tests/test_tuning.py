@@ -89,6 +89,8 @@ def _finished_trials(sweep_root: Path) -> list[Path]:
     return done
 
 
+# slow tier: two sweep drivers in their own Ray (171 s on 2 cores); `make test-slow`
+@pytest.mark.slow
 def test_resume_after_the_sweep_driver_is_killed_skips_finished_trials(tiny_config, tmp_path):
     tree = tiny_config.model_dump(mode="json")
     tree["train"]["epochs"] = 2

@@ -172,6 +172,8 @@ def _rss_sampler(pid: int, samples: list, stop: threading.Event) -> None:
         stop.wait(1.0)
 
 
+# slow tier: a soak is long by nature (81 s on 2 cores); `make test-slow`
+@pytest.mark.slow
 def test_soak_at_concurrency_64_keeps_the_replica_memory_flat(ray_local, tiny_checkpoint, tmp_path):
     dep = Deployed(tmp_path, tiny_checkpoint, "rel-soak", num_replicas=1)
     try:
