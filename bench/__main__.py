@@ -1,4 +1,4 @@
-"""``python -m bench all|train|sst2|data|serve|tune|startup|gpu|report [--quick]``
+"""``python -m bench all|train|sst2|data|serve|tune|startup|tasks|batch|gpu|report [--quick]``
 
 Each benchmark runs its sides alternately and writes ``<out>/<name>.json``. A full run
 (no ``--quick``) writes to ``bench/results/`` and regenerates the tables in BENCHMARKS.md;
@@ -28,8 +28,9 @@ BENCHMARKS = {
     "tune": "bench.tune",
     "startup": "bench.startup",
     "tasks": "bench.tasks",
+    "batch": "bench.batch",
 }
-ORDER = ["startup", "data", "train", "sst2", "serve", "tune", "tasks"]
+ORDER = ["startup", "data", "train", "sst2", "serve", "tune", "tasks", "batch"]
 
 
 def run_one(name: str, quick: bool, repeats: int | None, out: Path) -> dict:

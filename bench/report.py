@@ -232,7 +232,29 @@ def render_tasks(r: dict[str, Any]) -> list[str]:
     return out
 
 
-RENDER = {"tasks": render_tasks, "train": render_train, "sst2": render_sst2, "data": render_data, "serve": render_serve,
+def render_batch(r: dict[str, Any]) -> list[str]:
+    s = r["settings"]
+    rps = r["rows_per_s"]
+    out = header(r) + [
+        f"{s['rows']:,} SST-2 train sentences in one Parquet file, untrained {s['model']} checkpoint, "
+        f"max_length {s['max_length']}, {s['batch_size']} texts per forward pass, {s['cores']} cores; each side "
+        f"end to end with its model load; {s['repeats']} alternating repeats.", "",
+        "| side | rows/s, median [min–max] |", "|---|---|",
+        f"| plain loop of `Predictor.predict` (1024-row chunks, torch on every core) | {C.fmt_num(rps['plain'], 0)} |",
+        f"| `raypipe predict --input`, 1 actor × {s['cores']} CPU (Parquet in, Parquet out) | {C.fmt_num(rps['raypipe_1'], 0)} |",
+        f"| `raypipe predict --input`, 2 actors × {max(1, s['cores'] // 2)} CPU | {C.fmt_num(rps['raypipe_2'], 0)} |",
+        f"| transformers `pipeline(\"text-classification\")`, batch {s['batch_size']} | {C.fmt_num(rps['hf_pipeline'], 0)} |",
+        f"| raypipe 1 actor, fixed cost removed ({s['small_rows']:,}-row job: {C.fmt_num(r['fixed_cost_s'], 1)} s) | "
+        f"{C.fmt_num(rps['raypipe_marginal'], 0)} |",
+        "", "| comparison | ratio | target | |", "|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        tgt = f"≥ {row['target']}×" if row.get("target") else "—"
+        out.append(f"| {row['side']} | {C.fmt_ratio(row['ratio'])} | {tgt} | {_yes(row['met'])} |")
+    return out
+
+
+RENDER = {"batch": render_batch, "tasks": render_tasks, "train": render_train, "sst2": render_sst2, "data": render_data, "serve": render_serve,
           "tune": render_tune, "startup": render_startup}
 
 
@@ -279,6 +301,13 @@ def summary(results: dict[str, dict[str, Any]]) -> list[str]:
                           "token_classification": ("test_entity_f1", "entity_f1")}.get(t["task"], ("test_pearson", "pearson"))
             out.append(f"| 8. {name} raypipe vs HF Trainer (CPU) | — | {t['ratio']:.2f}× samples/s, {key} "
                        f"{t['raypipe_test'][key]:.3f} vs {t['trainer_test'][other]:.3f} | — |")
+    b = results.get("batch")
+    if b:
+        row = b["rows"][0]
+        out.append(f"| 9. batch `raypipe predict --input`, 1 actor, vs plain Predictor loop | ≥ {row['target']}× | "
+                   f"{C.fmt_ratio(row['ratio'])} | {_yes(row['met'])} |")
+        out.append(f"| 9. batch, 1 actor, fixed cost removed, vs plain | — | {C.fmt_ratio(b['rows'][1]['ratio'])} | — |")
+        out.append(f"| 9. batch, 2 actors vs 1 | — | {C.fmt_ratio(b['rows'][2]['ratio'])} | — |")
     st = results.get("startup")
     if st:
         sec = st["seconds"]

@@ -42,6 +42,12 @@ def load_predictor(model: str, tracking_uri: str | None = None, **kwargs: Any) -
     return import_module("raypipe.registry").load_predictor(model, tracking_uri=tracking_uri, **kwargs)
 
 
+def batch_predict(model: str, input: str, output: str, cfg: RaypipeConfig | None = None, **kwargs: Any) -> Any:
+    """Score a file, folder or glob of CSV/TSV/JSON/JSONL/Parquet with a checkpoint dir or a
+    ``models:/`` URI on Ray Data into ``output``; returns a ``BatchResult``."""
+    return import_module("raypipe.batch").run(model, input, output, cfg, **kwargs)
+
+
 _LAZY = {
     "load_config": "raypipe.config",
     "RaypipeConfig": "raypipe.config",
@@ -50,7 +56,7 @@ _LAZY = {
     "Predictor": "raypipe.predict",
 }
 
-__all__ = ["__version__", "train", "tune", "evaluate", "register", "load_predictor", *_LAZY]
+__all__ = ["__version__", "train", "tune", "evaluate", "register", "load_predictor", "batch_predict", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

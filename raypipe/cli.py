@@ -114,6 +114,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if bool(args.url) == bool(args.model):
         raise SystemExit("raypipe predict: give exactly one of --url or --model")
+    if args.input or args.output:
+        return _predict_files(args)
+    if not args.texts:
+        raise SystemExit("raypipe predict: give texts to predict, or --input FILE --output FILE")
     inputs: list[Any] = list(args.texts)
     if args.pairs:
         if len(inputs) % 2:
@@ -140,6 +144,35 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             short = text if len(text) <= 60 else text[:57] + "..."
             shown = describe(p) if describe else json.dumps(p, separators=(",", ":"))[:80]
             print(f"{shown}\t{short}")
+    return 0
+
+
+def _predict_files(args: argparse.Namespace) -> int:
+    """``--input``/``--output``: batch scoring on Ray Data (:mod:`raypipe.batch`)."""
+    import json
+
+    from raypipe.config import load_config
+
+    if args.url or not (args.input and args.output):
+        raise SystemExit("raypipe predict: batch scoring takes --model, --input and --output (not --url)")
+    given = [*args.texts, *(args.overrides or [])]
+    overrides = [t for t in given if "=" in t]
+    if len(overrides) != len(given):
+        raise SystemExit("raypipe predict: with --input, positional arguments are key.path=value overrides, "
+                         f"not texts: {[t for t in given if '=' not in t]}")
+    for flag, key in (("batch_size", "predict.batch_size"), ("concurrency", "predict.concurrency"),
+                      ("num_cpus", "predict.num_cpus"), ("pair_column", "data.text_pair_column"),
+                      ("tokens_column", "data.tokens_column"), ("format", "data.format")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.text_column:
+        overrides.append(f"data.text_columns={json.dumps(args.text_column)}")
+    if args.truncate:
+        overrides.append("predict.overlong=truncate")
+    cfg = load_config(args.config, overrides)
+    from raypipe.batch import run
+
+    run(args.model, args.input, args.output, cfg, overwrite=args.overwrite, log_run=not args.no_log)
     return 0
 
 
@@ -233,8 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
     p.add_argument("--emit-config", metavar="PATH", help="write a Serve config YAML for `serve deploy` and exit")
 
-    p = add("predict", _cmd_predict, "predict for texts, offline (--model) or over HTTP (--url)")
-    p.add_argument("texts", nargs="+", help="texts (with --pairs: a b a b ... for a sentence-pair model)")
+    p = add("predict", _cmd_predict, "predict for texts, offline (--model) or over HTTP (--url); "
+            "score whole files on Ray Data (--input, --output)")
+    p.add_argument("texts", nargs="*", help="texts (with --pairs: a b a b ... for a sentence-pair model); "
+                   "with --input: key.path=value config overrides")
     p.add_argument("--pairs", action="store_true", help="the texts are sentence pairs, two at a time")
     p.add_argument("--model", help="checkpoint dir or models:/ URI (offline, no Ray)")
     p.add_argument("--url", help="base URL of a running raypipe server")
@@ -242,6 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="only the k most likely classes")
     p.add_argument("--token-env", default="RAYPIPE_TOKEN", help="env var with the bearer token")
     p.add_argument("--json", action="store_true", help="print JSON")
+    b = p.add_argument_group("batch scoring (Ray Data)")
+    b.add_argument("--input", help="CSV/TSV/JSON/JSONL/Parquet file, a folder of them, or a glob")
+    b.add_argument("--output", help="file to write (.parquet, .csv, .tsv, .jsonl): the input's columns "
+                   "+ pred_* columns, reject_reason, row_id, model_name, model_version")
+    b.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    b.add_argument("--text-column", action="append", help="input column with the text (repeat to join "
+                   "several; default: data.text_columns)")
+    b.add_argument("--pair-column", help="second text of a sentence-pair model (default: text_pair)")
+    b.add_argument("--tokens-column", help="word lists for a token-classification model")
+    b.add_argument("--format", help="input format when the suffix does not tell (csv, tsv, json, jsonl, parquet)")
+    b.add_argument("--batch-size", type=int, help="texts per forward pass (predict.batch_size)")
+    b.add_argument("--concurrency", type=int, help="model actors (predict.concurrency)")
+    b.add_argument("--num-cpus", type=float, help="CPUs per actor, also its threads (predict.num_cpus)")
+    b.add_argument("--truncate", action="store_true", help="score texts over max_length truncated "
+                   "instead of rejecting them")
+    b.add_argument("--no-log", action="store_true", help="do not record the job as an MLflow run")
+    p.set_defaults(overrides=[])
 
     p = add("run", _cmd_run, "the whole pipeline: tune/train -> evaluate -> register -> serve")
     _add_config(p)

@@ -323,6 +323,22 @@ class ServeConfig(_Section):
         return v
 
 
+class PredictConfig(_Section):
+    """Batch scoring of files on Ray Data (`raypipe predict --input`)."""
+
+    batch_size: int | None = Field(
+        None, ge=1, description="Texts per forward pass. None: 64 on CPU, 256 on GPU.")
+    concurrency: int | None = Field(
+        None, ge=1, description="Model actors (one model load each). None: one per GPU when "
+        "scaling.use_gpu resolves true, else one per node with CPUs.")
+    num_cpus: float | None = Field(
+        None, gt=0, description="CPUs reserved per actor; also its torch thread count. None: the "
+        "cluster's CPUs shared by the actors (at most one node's).")
+    overlong: Literal["reject", "truncate"] = Field(
+        "reject", description="Texts longer than the model's max_length tokens: reject (null "
+        "prediction, reason in the `rejected` column) or truncate (scored; counted in the summary).")
+
+
 class RayConfig(_Section):
     """How raypipe reaches Ray when it has to start or join it itself."""
 
@@ -358,6 +374,7 @@ class RaypipeConfig(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
 
     @model_validator(mode="before")
     @classmethod

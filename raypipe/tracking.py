@@ -448,3 +448,45 @@ def finish_sweep_run(cfg: Any, client: Any, result: Any) -> None:
 
             plt.close("all")
     client.set_terminated(rid, "FINISHED")
+
+
+# --------------------------------------------------------------------------- batch prediction
+
+
+def log_batch_prediction(cfg: Any, result: Any) -> str:
+    """One "predict" run per batch job: the model version, input and output, row counts and
+    throughput (rows/s over the whole job, scoring time apart)."""
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    client, experiment_id = configure(cfg)
+    name = f"predict-{result.model_name or 'checkpoint'}" + (f"-v{result.model_version}" if result.model_version else "")
+    tags = {**version_tags(cfg), "raypipe.stage": "batch_predict", "raypipe.task": result.task}
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    run_id = run.info.run_id
+    params = {
+        "model_uri": redact_uri(result.model_uri), "model_name": result.model_name,
+        "model_version": result.model_version, "input": result.input, "input_files": result.files,
+        "output": result.output, "predict.actors": result.actors, "predict.cpus_per_actor": result.cpus_per_actor,
+        "predict.gpus_per_actor": result.gpus_per_actor, "predict.batch_size": result.batch_size,
+        "predict.overlong": cfg.predict.overlong,
+    }
+    now = int(time.time() * 1000)
+    metrics = {
+        "rows_read": result.rows_read, "rows_scored": result.rows_scored, "rows_rejected": result.rows_rejected,
+        "rows_truncated": result.rows_truncated, "rows_per_s": result.rows_per_s, "wall_s": result.wall_s,
+        "scoring_s": result.scoring_s, "nodes": len(result.rows_per_node),
+    }
+    try:
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            params=[Param(k, v) for k, v in safe_params({k: v for k, v in params.items() if v is not None}).items()],
+        )
+        client.log_dict(run_id, result.to_dict(), "predict/summary.json")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

@@ -194,3 +194,13 @@ def test_tasks_quick(ray_local, tmp_path):
     assert ner["task"] == "token_classification" and ner["train_rows"] == 200 and len(ner["sweep"]) == 2
     assert 0.0 <= ner["raypipe_test"]["test_entity_f1"] <= 1.0 and 0.0 <= ner["trainer_test"]["entity_f1"] <= 1.0
     assert _finite(ner["ratio"]) and set(ner["trainer_per_type_f1"]) == {"LOC", "MISC", "ORG", "PER"}
+
+
+@pytest.mark.slow
+def test_batch_quick(ray_local, tmp_path):
+    from bench import batch
+
+    r = batch.run(quick=True, work=tmp_path)
+    assert set(r["rows_per_s"]) >= {"plain", "raypipe_1", "raypipe_2", "hf_pipeline", "raypipe_marginal"}
+    assert all(v["median"] > 0 for v in r["rows_per_s"].values())
+    assert [row["side"] for row in r["rows"]][0] == "raypipe_1 / plain"

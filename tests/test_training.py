@@ -29,6 +29,7 @@ def _runs(cfg):
     return client, client.search_runs([exp.experiment_id]) if exp else []
 
 
+@pytest.mark.slow  # the baseline run of tests/reliability/test_worker_kill.py is the same 2-worker run, checked per epoch
 def test_two_worker_run_learns_and_logs_every_epoch(ray_local, tiny_config):
     from raypipe.data import load_splits
     from raypipe.metrics import from_confusion
@@ -102,6 +103,9 @@ def _loop_failing_in_epoch_2(rank: int, message: str, once_marker: str | None = 
     return loop
 
 
+# Slow tier: tests/reliability/test_worker_kill.py covers the same resume (and the exhausted-retries
+# end) with a real SIGKILL in the default tier; these two raise a Python exception in the loop.
+@pytest.mark.slow
 def test_worker_failure_resumes_from_checkpoint_into_the_same_mlflow_run(ray_local, tiny_config, tmp_path, capfd):
     from raypipe.training import run
 
@@ -123,6 +127,7 @@ def test_worker_failure_resumes_from_checkpoint_into_the_same_mlflow_run(ray_loc
     assert "resumed from the checkpoint of epoch 1" in capfd.readouterr().out
 
 
+@pytest.mark.slow
 def test_exhausted_failures_end_the_mlflow_run_failed_with_the_error(ray_local, tiny_config):
     from raypipe.errors import TrainingError
     from raypipe.training import run

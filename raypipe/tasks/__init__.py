@@ -109,6 +109,8 @@ class Task(Protocol):
     def accumulator(self, schema: Mapping[str, Any], *, fit: bool) -> Accumulator: ...
 
     # --- prediction ---
+    # Optional: ``long_inputs`` = "truncate" (the default: an input over max_length tokens is cut,
+    # which batch prediction reports) or "windows" (the task splits long inputs itself).
     def inputs_of(self, frame: Any) -> list[Any]:
         """The model inputs of a frame of examples (what ``predict`` takes): texts, pairs, word lists."""
 

@@ -337,6 +337,7 @@ class TokenClassificationTask:
                "token_accuracy": "max"}
     default_metric = "entity_f1"
     model_class = "AutoModelForTokenClassification"
+    long_inputs = "windows"  # a sentence longer than max_length is split, never truncated (batch checks)
     schema_keys = ("labels", "scheme")
     input_keys = ("input_ids", "attention_mask", "labels")
     sequence_keys = ("input_ids", "attention_mask", "labels")

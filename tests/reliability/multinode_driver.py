@@ -18,6 +18,10 @@ and resume from the epoch-1 checkpoint.
 
 Writes ``events.jsonl`` (one line per worker event, with node id and pid), ``cluster.json`` (the
 nodes, and the one removed) and ``result.json`` (the run's history, MLflow run id, timings).
+
+With a third argument (a Parquet file), the cluster that is left (two one-CPU worker nodes) then
+scores that file with the trained checkpoint through ``raypipe.batch.run`` — two actors, one
+per node — into ``scored.parquet``, and writes ``batch.json`` (the job's ``BatchResult``).
 """
 
 from __future__ import annotations
@@ -102,6 +106,12 @@ def main() -> int:
     wall = time.time() - t1
     thread.join(5)
     alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    if len(sys.argv) > 3:
+        from raypipe.batch import run as batch_run
+
+        scored = batch_run(str(result.best_checkpoint), sys.argv[3], str(out / "scored.parquet"), cfg,
+                           log_run=False)
+        (out / "batch.json").write_text(json.dumps(scored.to_dict(), default=str))
     (out / "cluster.json").write_text(json.dumps({
         "head": cluster.head_node.node_id, "workers": sorted(workers), "removed": removed,
         "alive_after": alive, "startup_s": started_s,
