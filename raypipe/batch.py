@@ -47,6 +47,7 @@ import os
 import re
 import sys
 import time
+import types
 import typing
 from collections import Counter
 from dataclasses import dataclass, field
@@ -186,6 +187,17 @@ def _csv_names(path: str, fmt: str, data: Any) -> list[str]:
     return [str(i) for i in range(len(first))]
 
 
+def _json_object(line: str, path: str, n: int) -> dict[str, Any]:
+    """One JSONL line as an object, or a DataError naming the file and line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: line {n} is {type(obj).__name__}, expected an object")
+    return obj
+
+
 def _columns(path: str, fmt: str, data: Any) -> list[str]:
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -200,13 +212,7 @@ def _columns(path: str, fmt: str, data: Any) -> list[str]:
         with open(path, encoding=data.encoding, errors="replace") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}: line {n} is {type(row).__name__}, expected an object")
-                    return list(row)
+                    return list(_json_object(line, path, n))
         raise DataError(f"{path}: no rows")
     from raypipe.data import _read_json
 
@@ -382,13 +388,7 @@ def _read_jsonl(path: str, data: Any, text_cols: list[str], file_index: int) -> 
                                 "data.encoding, or data.encoding_errors: replace)") from None
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}: line {n} is {type(obj).__name__}, expected an object")
-            rows.append(_no_lone_surrogates(obj, path, n, data))
+            rows.append(_no_lone_surrogates(_json_object(line, path, n), path, n, data))
             if len(rows) == _ROWS_PER_BLOCK:
                 _text_cells(rows, text_cols)
                 yield _with_position(_rows_table(rows, path, first_line, "lines"), file_index, row)
@@ -486,7 +486,7 @@ def arrow_type(annotation: Any) -> Any:
     from pydantic import BaseModel
 
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return arrow_type(inner[0])
     if origin in (list, tuple):
@@ -712,9 +712,7 @@ class _Writer:
             self.sink.write("".join(json.dumps(_jsonable(r), ensure_ascii=False, default=str) + "\n"
                                     for r in table.to_pylist()))
 
-    def commit(self, empty_schema: Any = None) -> None:
-        if self.sink is None:
-            self._open(empty_schema)
+    def commit(self) -> None:
         if self.fmt == "jsonl":
             self.sink.flush()
             os.fsync(self.sink.fileno())

@@ -117,7 +117,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.input or args.output:
         return _predict_files(args)
     if not args.texts:
-        raise SystemExit("raypipe predict: give texts to predict, or --input FILE --output FILE")
+        raise ConfigError("raypipe predict: give texts to predict, or --input FILE --output FILE")
     inputs: list[Any] = list(args.texts)
     if args.pairs:
         if len(inputs) % 2:
@@ -153,12 +153,14 @@ def _predict_files(args: argparse.Namespace) -> int:
 
     from raypipe.config import load_config
 
+    from raypipe.errors import ConfigError
+
     if args.url or not (args.input and args.output):
-        raise SystemExit("raypipe predict: batch scoring takes --model, --input and --output (not --url)")
+        raise ConfigError("raypipe predict: batch scoring takes --model, --input and --output (not --url)")
     given = [*args.texts, *(args.overrides or [])]
     overrides = [t for t in given if "=" in t]
     if len(overrides) != len(given):
-        raise SystemExit("raypipe predict: with --input, positional arguments are key.path=value overrides, "
+        raise ConfigError("raypipe predict: with --input, positional arguments are key.path=value overrides, "
                          f"not texts: {[t for t in given if '=' not in t]}")
     for flag, key in (("batch_size", "predict.batch_size"), ("concurrency", "predict.concurrency"),
                       ("num_cpus", "predict.num_cpus"), ("pair_column", "data.text_pair_column"),

@@ -11,6 +11,8 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -300,6 +302,17 @@ def _metric_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)
 
 
+@contextmanager
+def _ended(client: Any, run_id: str) -> Iterator[None]:
+    """End the run FINISHED when the block completes, FAILED (and re-raise) when it does not."""
+    try:
+        yield
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
 def log_evaluation(cfg: Any, result: Any) -> str:
     """One "evaluate" run: the test metrics (and per-class/per-label ones), the task's figures
     titled with the model's name, and the JSON report."""
@@ -311,7 +324,7 @@ def log_evaluation(cfg: Any, result: Any) -> str:
     tags = {**version_tags(cfg, result.fingerprint), "raypipe.stage": "evaluate", "raypipe.task": result.task}
     run = client.create_run(experiment_id, run_name=f"{cfg.name}-evaluate", tags=tags)
     run_id = run.info.run_id
-    try:
+    with _ended(client, run_id):
         meta = result.model_meta
         params = {
             "model_uri": redact_uri(result.model_uri),
@@ -338,10 +351,6 @@ def log_evaluation(cfg: Any, result: Any) -> str:
         )
         _log_figures(client, run_id, result.figures(), "evaluation")
         client.log_dict(run_id, result.to_dict(), "evaluation/report.json")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
@@ -478,15 +487,11 @@ def log_batch_prediction(cfg: Any, result: Any) -> str:
         "rows_truncated": result.rows_truncated, "rows_per_s": result.rows_per_s, "wall_s": result.wall_s,
         "scoring_s": result.scoring_s, "nodes": len(result.rows_per_node),
     }
-    try:
+    with _ended(client, run_id):
         client.log_batch(
             run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
             params=[Param(k, v) for k, v in safe_params({k: v for k, v in params.items() if v is not None}).items()],
         )
         client.log_dict(run_id, result.to_dict(), "predict/summary.json")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
     return run_id

@@ -336,3 +336,30 @@ def test_token_classification_scores_word_lists_from_jsonl(ray_local, tmp_path, 
     expected = Predictor.from_dir(ckpt, device="cpu").predict(words + [long])
     assert [g["pred_tags"] for g in got[:61]] == [e["tags"] for e in expected]
     assert len(got[60]["pred_tags"]) == 40
+
+
+def test_overlong_texts_are_rejected_by_default_and_scored_truncated_when_asked(tiny_checkpoint):
+    import pyarrow as pa
+
+    from raypipe.batch import Plan, _Scorer
+    from raypipe.predict import Predictor
+
+    table = pa.table({"text": ["goal match", "goal " * 60]})  # 62 tokens > max_length 32
+    plan = Plan("text", ["text"]).__dict__
+    rejected = _Scorer(str(tiny_checkpoint), str(tiny_checkpoint), None, "cpu", 1, plan, 8, "reject")(table)
+    assert rejected.column("reject_reason").to_pylist() == [None, "longer than max_length (62 tokens > 32)"]
+    assert rejected.column("pred_label").to_pylist()[1] is None
+    truncated = _Scorer(str(tiny_checkpoint), str(tiny_checkpoint), None, "cpu", 1, plan, 8, "truncate")(table)
+    assert truncated.column("reject_reason").to_pylist() == [None, None]
+    assert truncated.column("_truncated").to_pylist() == [False, True]
+    expected = Predictor.from_dir(tiny_checkpoint, device="cpu").predict(["goal match", "goal " * 60])
+    assert truncated.column("pred_label").to_pylist() == [e["label"] for e in expected]
+
+
+def test_batch_usage_errors_exit_2_with_what_to_give(tmp_path, capsys):
+    from raypipe.cli import main
+
+    assert main(["predict", "--model", "m", "--input", str(tmp_path / "in.csv")]) == 2
+    assert "--model, --input and --output" in capsys.readouterr().err
+    assert main(["predict", "--model", "m", "--input", "a.csv", "--output", "o.csv", "stray text"]) == 2
+    assert "key.path=value overrides" in capsys.readouterr().err
