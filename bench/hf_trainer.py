@@ -13,6 +13,22 @@ from typing import Any
 
 import numpy as np
 
+from bench.ceiling import add_batch, new_counts
+
+
+class CountingCollator:
+    """A Trainer collator that counts the real and padded tokens of every batch it builds (the
+    FLOP accounting of bench.ceiling); the batches themselves are the wrapped collator's."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.counts = inner, new_counts()
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        batch = self.inner(features)
+        mask = batch["attention_mask"]
+        add_batch(self.counts, mask.sum(1).numpy(), mask.shape[1])
+        return batch
+
 
 def run_trainer(
     model_dir: str,
@@ -96,11 +112,13 @@ def run_trainer(
             train_sampling_strategy="group_by_length" if group_by_length else "random",
             torch_compile=compile,
         )
+        collator = CountingCollator(DataCollatorWithPadding(tokenizer))
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics)
+                          data_collator=collator, compute_metrics=metrics)
         t0 = time.perf_counter()
         out_train = trainer.train()
         wall = time.perf_counter() - t0
+        counts = dict(collator.counts)  # the training batches only: evaluation follows
         if return_predictions:
             pred = trainer.predict(eval_ds)
             ev = {f"eval_{k[5:]}" if k.startswith("test_") else k: v for k, v in pred.metrics.items()}
@@ -112,6 +130,7 @@ def run_trainer(
         "train_runtime_s": float(m["train_runtime"]),
         "train_wall_s": wall,
         "train_loss": float(m.get("train_loss", float("nan"))),
+        "counts": counts,
     }
     if "eval_accuracy" in ev:
         out["accuracy"] = float(ev["eval_accuracy"])
@@ -174,11 +193,12 @@ def run_token_trainer(
             max_grad_norm=1.0, seed=seed, use_cpu=use_cpu, eval_strategy="no", save_strategy="no",
             logging_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds,
-                          data_collator=DataCollatorForTokenClassification(tokenizer))
+        collator = CountingCollator(DataCollatorForTokenClassification(tokenizer))
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator)
         t0 = time.perf_counter()
         out_train = trainer.train()
         wall = time.perf_counter() - t0
+        counts = dict(collator.counts)
         logits = trainer.predict(eval_ds).predictions
     best = np.asarray(logits).argmax(-1)
     predictions = []
@@ -191,4 +211,5 @@ def run_token_trainer(
         predictions.append(tags)
     m = out_train.metrics
     return {"samples_per_s": float(m["train_samples_per_second"]), "train_runtime_s": float(m["train_runtime"]),
-            "train_wall_s": wall, "train_loss": float(m.get("train_loss", float("nan"))), "predictions": predictions}
+            "train_wall_s": wall, "train_loss": float(m.get("train_loss", float("nan"))), "predictions": predictions,
+            "counts": counts}

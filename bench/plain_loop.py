@@ -74,13 +74,16 @@ def train(
     fused: bool | None = None,
     val_rows: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune and return per-epoch samples/s (training steps only, like raypipe's metric)."""
+    """Fine-tune and return per-epoch samples/s (training steps only, like raypipe's metric) and
+    the tokens each epoch processed (real and padded)."""
     import torch
     from transformers import (
         AutoModelForSequenceClassification,
         get_linear_schedule_with_warmup,
     )
     from transformers.utils import logging as hf_logging
+
+    from bench.ceiling import add_batch, new_counts
 
     dev = torch.device(device)
     torch.manual_seed(seed)
@@ -105,8 +108,10 @@ def train(
     for epoch in range(1, epochs + 1):
         rng = np.random.default_rng([seed, epoch])
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        counts = new_counts()  # real and padded tokens, for the FLOP accounting (bench.ceiling)
         for sel in batches(rows["length"], batch_size, rng, group_by_length):
             batch = to_device(rows, sel, dev)
+            add_batch(counts, rows["length"][sel], batch["input_ids"].shape[1])
             with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext():
                 loss = model(**batch).loss
             loss.backward()
@@ -122,7 +127,8 @@ def train(
                 break
         elapsed = time.perf_counter() - t0
         epoch_stats.append({"epoch": epoch, "seconds": elapsed, "samples": seen,
-                            "samples_per_s": seen / max(elapsed, 1e-9), "train_loss": loss_sum / max(seen, 1)})
+                            "samples_per_s": seen / max(elapsed, 1e-9), "train_loss": loss_sum / max(seen, 1),
+                            "counts": counts})
         if max_steps and step >= max_steps:
             break
     out: dict[str, Any] = {"epochs": epoch_stats}

@@ -36,6 +36,53 @@ def header(r: dict[str, Any]) -> list[str]:
     return [f"Command: `{r['command']}`{quick}", "", machine_line(r), ""]
 
 
+def ceiling_line(c: dict[str, Any]) -> str:
+    """The measured ceiling in one paragraph: per thread count, the model-shape matmul FLOP/s in
+    fp32 (and bf16), the copy bandwidth and the dense peak."""
+    from bench.ceiling import fmt_rate
+
+    dev = c.get("device", "cpu")
+    parts = []
+    for t, e in c["by_threads"].items():
+        where = f"{t} thread{'s' if t != '1' else ''}" if t != "None" else dev
+        shapes = []
+        for m, sh in e["by_tokens"].items():
+            txt = f"{fmt_rate(sh['fp32']['model'])} fp32"
+            if "bf16" in sh:
+                ratio = sh["bf16"]["model"] / sh["fp32"]["model"]
+                txt += f", {fmt_rate(sh['bf16']['model'])} bf16 ({ratio:.1f}× fp32{'; slower' if ratio < 1 else ''})"
+            shapes.append(f"{txt} at {m} tokens per batch")
+        peak = f"dense peak ({'8192' if dev.startswith('cuda') else '2048'}³) {fmt_rate(e['peak_fp32'])} fp32" + (
+            f" / {fmt_rate(e['peak_bf16'])} bf16" if "peak_bf16" in e else "")
+        parts.append(f"**{where}**: " + "; ".join(shapes) + f"; copy {fmt_rate(e['copy_bytes_per_s'], 'B/s')}; {peak}")
+    n = len(c.get("measurements", [c]))
+    return (f"Ceiling (`bench/ceiling.py`, measured in this run, best of {n} measurement{'s' if n > 1 else ''}: "
+            f"matmuls [tokens, {c['hidden']}] × [{c['hidden']}, {c['hidden']}] and [{c['hidden']}, {c['intermediate']}], "
+            "weighted as in a layer): " + " — ".join(parts) + ".")
+
+
+def render_utilisation(u: dict[str, Any], labels: dict[str, str] | None = None) -> list[str]:
+    """Throughput beside the machine's limit, one row per side, then one sentence per side on
+    what limits it."""
+    from bench.ceiling import fmt_rate
+
+    labels = labels or {}
+    out = ["| side | samples/s | tokens/s (real) | padding | model FLOP/s | ceiling (its threads, shapes, precision) "
+           "| MFU | time: matmuls / padding / optimiser memory / other |", "|---|---|---|---|---|---|---|---|"]
+    for side, row in u.items():
+        c, b = row["ceiling"], row["budget"]
+        thr = f"{c['threads']} thread{'s' if c['threads'] > 1 else ''}, " if c.get("threads") else ""
+        out.append(
+            f"| {labels.get(side, side)} | {C.fmt_num(row['samples_per_s'])} | {C.fmt_num(row['tokens_per_s'], 0)} | "
+            f"{100 * row['padding_fraction']['median']:.0f}% | {fmt_rate(row['model_flops_per_s']['median'])} | "
+            f"{fmt_rate(c['matmul_flops_per_s'])} ({thr}{c['tokens_per_batch']} tok, {c['dtype']}) | "
+            f"{C.fmt_num(row['mfu'], 2)} | {100 * b['compute']:.0f} / {100 * b['padding']:.0f} / "
+            f"{100 * b['optimizer_memory']:.0f} / {100 * b['other']:.0f}% |")
+    out += ["", "What limits each row (from the numbers above):", ""]
+    out += [f"* {row['limit']}" for row in u.values()]
+    return out
+
+
 def render_train(r: dict[str, Any]) -> list[str]:
     s = r["settings"]
     out = header(r) + [
@@ -50,6 +97,11 @@ def render_train(r: dict[str, Any]) -> list[str]:
         tgt = f"≥ {row['target']}×" if row.get("target") else "—"
         ep = {"last": f"{s['epochs']} (last)", "1": "1 (before any report)"}.get(row.get("epoch", "last"), row.get("epoch"))
         out.append(f"| {row['side']} / {row['baseline']} | {ep} | {C.fmt_ratio(row['ratio'])} | {tgt} | {_yes(row['met'])} |")
+    if r.get("utilisation"):
+        out += ["", ceiling_line(r["ceiling"]), "", f"Last epoch of each run against that ceiling (model FLOPs: "
+                f"6 × {r['model_dims']['non_embedding_params']:,} non-embedding parameters per real token + "
+                "attention; MFU = model FLOP/s / the ceiling for the side's threads):", ""]
+        out += render_utilisation(r["utilisation"])
     return out
 
 

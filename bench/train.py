@@ -10,6 +10,12 @@ epoch 2 shares the CPU with the one-off work that follows a run's *first* report
 controller's first checkpoint registration and the driver's first MLflow logging: ~1 core for
 ~4 s, measured per process from /proc), which cost a 1-worker run on all cores ~20% of epoch 2.
 
+Beside every side: the machine's own ceiling (``bench.ceiling``: fp32/bf16 matmul FLOP/s at the
+model's shapes on the threads the side gets, and copy bandwidth), measured in this run before
+the first side and after the last (the best of the two is kept), and each side's model FLOP/s
+and MFU over the same last epoch. The plain loop counts its tokens; raypipe's are replayed from
+the same rows with raypipe's own batching function (``ceiling.raypipe_epoch_counts``).
+
 Sides, run alternately in one Ray session:
   plain         bench.plain_loop in this process (torch's default threads: all cores)
   ray_1w_auto   1 worker, scaling.cpus_per_worker=auto (the default: a lone worker gets every core)
@@ -66,9 +72,19 @@ def raypipe_config(work: Path, model_src: str, train_csv: Path, val_csv: Path, s
     })
 
 
+def side_threads(ncpu: int, driver_threads: int) -> dict[str, int]:
+    """The torch threads each side trains with (its ceiling is measured on as many): the driver's
+    default, or the worker's CPU reservation."""
+    return {"plain": driver_threads, "ray_1w_auto": ncpu, "ray_1w_1cpu": 1,
+            "ray_2w": 2,  # two 1-thread workers: against the 2-thread ceiling of the same 2 cores
+            "local": driver_threads}
+
+
 def run(quick: bool = False, repeats: int | None = None, work: Path | None = None) -> dict[str, Any]:
+    import torch
     from transformers import AutoTokenizer
 
+    from bench import ceiling as K
     from bench.plain_loop import tokenize
     from bench.plain_loop import train as plain_train
     from raypipe import training
@@ -83,10 +99,19 @@ def run(quick: bool = False, repeats: int | None = None, work: Path | None = Non
     val_csv = _write_csv(work / "val.csv", texts[s["rows"]:], labels[s["rows"]:])
     rows = tokenize(AutoTokenizer.from_pretrained(src), texts[: s["rows"]], labels[: s["rows"]], s["max_length"])
     counter = {"n": 0}
+    dims = K.model_dims(src)
+    threads = side_threads(ncpu, torch.get_num_threads())
+    tokens_per_batch = [s["batch_size"] * s["max_length"]]  # every row full: one shape
+
+    def ceiling() -> dict[str, Any]:
+        return K.measure(dims, tokens_per_batch, sorted({threads[k] for k in s["sides"]}),
+                         seconds=0.1 if quick else 0.3)
 
     def plain() -> dict[str, Any]:
         r = plain_train(src, rows, num_labels=2, batch_size=s["batch_size"], epochs=s["epochs"], lr=5e-5)
-        return {"samples_per_s": r["epochs"][-1]["samples_per_s"], "epochs": r["epochs"]}
+        last = r["epochs"][-1]
+        return {"samples_per_s": last["samples_per_s"], "epochs": r["epochs"], "counts": last["counts"],
+                "seconds": last["seconds"]}
 
     def ray_side(num_workers: int, cpus: float | str) -> Any:
         def side() -> dict[str, Any]:
@@ -94,7 +119,12 @@ def run(quick: bool = False, repeats: int | None = None, work: Path | None = Non
             cfg = raypipe_config(work, src, train_csv, val_csv, s, num_workers, cpus, f"bench{counter['n']}")
             res = training.run(cfg)
             hist = res.history
-            return {"samples_per_s": hist[-1]["samples_per_s"], "epochs": [h["samples_per_s"] for h in hist]}
+            counts = K.raypipe_epoch_counts(rows["length"], batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                            epoch=len(hist), workers=max(num_workers, 1),
+                                            grad_accum_steps=cfg.train.grad_accum_steps,
+                                            length_grouping=cfg.train.length_grouping)
+            return {"samples_per_s": hist[-1]["samples_per_s"], "epochs": [h["samples_per_s"] for h in hist],
+                    "counts": counts, "seconds": counts["samples"] / hist[-1]["samples_per_s"]}
         return side
 
     all_sides = {
@@ -104,9 +134,15 @@ def run(quick: bool = False, repeats: int | None = None, work: Path | None = Non
         "ray_2w": ray_side(2, 1.0),
         "local": ray_side(0, 1.0),
     }
+    before = ceiling()
     with C.ray_session(num_cpus=ncpu):
         raw = C.alternate({k: all_sides[k] for k in s["sides"]}, s["repeats"], "train")
-    return summarise(raw, s, quick)
+    ceil = K.best_of(before, ceiling())
+    out = summarise(raw, s, quick)
+    out["model_dims"], out["ceiling"], out["threads"] = dims, ceil, threads
+    out["utilisation"] = K.summarise_sides(raw, dims, ceil, threads, "fp32", baseline="plain", ncpu=ncpu,
+                                           names={"plain": "the plain loop"})
+    return out
 
 
 def _epochs(r: dict[str, Any]) -> list[float]:

@@ -47,6 +47,8 @@ def test_hf_trainer_baseline_runs(tmp_path):
     texts = ["a fine film", "a dull and tiresome film"] * 16
     res = run_trainer(src, texts, [1, 0] * 16, texts[:8], [1, 0] * 4, num_labels=2, batch_size=8, epochs=1)
     assert _finite(res["samples_per_s"]) and 0.0 <= res["accuracy"] <= 1.0
+    c = res["counts"]  # the training batches' tokens, counted in the collator
+    assert c["samples"] == 32 and c["steps"] == 4 and 0 < c["real_tokens"] <= c["processed_tokens"]
 
 
 def test_bare_server_and_load_generator(tmp_path):
@@ -122,6 +124,8 @@ def test_train_quick(ray_local, tmp_path):
     res = train.run(quick=True, work=tmp_path)
     assert set(res["samples_per_s"]) == {"plain", "local"}
     assert _finite(res["rows"][0]["ratio"]["median"])
+    assert set(res["utilisation"]) == {"plain", "local"}  # MFU against the ceiling measured in the run
+    assert all(0.0 < u["mfu"]["median"] <= 1.0 and u["limit"] for u in res["utilisation"].values())
 
 
 # slow tier: a benchmark harness smoke run (30-150 s on 2 cores); `make test-slow`
@@ -204,3 +208,52 @@ def test_batch_quick(ray_local, tmp_path):
     assert set(r["rows_per_s"]) >= {"plain", "raypipe_1", "raypipe_2", "hf_pipeline", "raypipe_marginal"}
     assert all(v["median"] > 0 for v in r["rows_per_s"].values())
     assert [row["side"] for row in r["rows"]][0] == "raypipe_1 / plain"
+
+
+def test_ceiling_and_mfu_of_a_real_training_epoch(tmp_path):
+    """The machine's ceiling (matmul FLOP/s at the model's shapes, copy bandwidth) is measured
+    and a real epoch of the plain loop lands inside it: MFU in (0, 1], budget shares summing to 1,
+    a sentence saying what limits it. Seconds on the tiny model."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from bench import ceiling as K
+    from bench import common as C
+    from bench.plain_loop import tokenize, train
+
+    src = C.model_source("tiny", tmp_path)
+    dims = K.model_dims(src)
+    assert dims["layers"] == 2 and dims["hidden"] == 32 and 0 < dims["non_embedding_params"] < dims["params"]
+    texts = ["a fine film"] * 24 + ["a dull and tiresome film that goes on and on"] * 24
+    rows = tokenize(AutoTokenizer.from_pretrained(src), texts, [1] * 24 + [0] * 24, 16)
+    epoch = train(src, rows, num_labels=2, batch_size=8, epochs=1, lr=1e-3)["epochs"][-1]
+    counts = epoch["counts"]
+    assert counts["samples"] == 48 and counts["steps"] == 6
+    assert counts["real_tokens"] == int(rows["length"].sum()) <= counts["processed_tokens"]
+
+    threads = torch.get_num_threads()
+    ceil = K.measure(dims, [counts["processed_tokens"] / counts["steps"]], [threads], seconds=0.05)
+    entry = ceil["by_threads"][str(threads)]
+    (shapes,) = entry["by_tokens"].values()
+    assert all(_finite(v) for v in shapes["fp32"].values()) and _finite(entry["copy_bytes_per_s"])
+    assert _finite(entry["peak_fp32"]) and ("bf16" in shapes or ceil["bf16"].startswith("not supported"))
+    u = K.utilisation(counts, epoch["seconds"], dims, ceil, threads)
+    assert 0.0 < u["mfu"] <= 1.0 and 0.0 <= u["padding_fraction"] < 1.0
+    assert math.isclose(u["samples_per_s"], epoch["samples_per_s"], rel_tol=1e-6)
+    assert math.isclose(sum(u["budget"].values()), 1.0, rel_tol=1e-6) or u["budget"]["other"] == 0.0
+    assert K.limit("plain", u).startswith("plain — ")
+
+
+def test_raypipe_token_replay_matches_the_rows():
+    """raypipe's tokens are replayed with its own batching: every row once per epoch, each batch
+    padded to its longest row (so never fewer processed than real tokens)."""
+    import numpy as np
+
+    from bench import ceiling as K
+
+    lengths = np.random.default_rng(0).integers(3, 40, size=101)
+    one = K.raypipe_epoch_counts(lengths, batch_size=8, seed=42, epoch=1)
+    assert one["samples"] == 101 and one["steps"] == 13 and one["real_tokens"] == int(lengths.sum())
+    assert one["real_tokens"] < one["processed_tokens"] < 101 * 39
+    two = K.raypipe_epoch_counts(lengths, batch_size=8, seed=42, epoch=1, workers=2)
+    assert two["samples"] == 100 and two["steps"] == 14  # equal shards of 50 rows: 7 steps each
