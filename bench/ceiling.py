@@ -51,15 +51,17 @@ PEAK_SIDE = {"cpu": 2048, "cuda": 8192}  # a large square matmul: the device's d
 # ----------------------------------------------------------------------------- model shape
 
 
-def model_dims(model_dir: str) -> dict[str, Any]:
-    """Hidden/intermediate sizes, layers and parameter counts of a sequence-classification model,
-    from its config alone (built on the meta device: no weights are read)."""
+def model_dims(model_dir: str, token_level: bool = False, num_labels: int = 2) -> dict[str, Any]:
+    """Hidden/intermediate sizes, layers and parameter counts of the sequence- (or, with
+    ``token_level``, token-) classification model on ``model_dir``, from its config alone (built
+    on the meta device: no weights are read)."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir, num_labels=num_labels)
+    auto = AutoModelForTokenClassification if token_level else AutoModelForSequenceClassification
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(cfg)
+        model = auto.from_config(cfg)
     total = sum(p.numel() for p in model.parameters())
     emb = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)
               for p in m.parameters(recurse=False))
@@ -92,6 +94,13 @@ def merge(counts: Iterable[dict[str, float]]) -> dict[str, float]:
         for k in out:
             out[k] += c.get(k, 0)
     return out
+
+
+def raypipe_run_counts(lengths: np.ndarray, train_cfg: Any, workers: int, epochs: Sequence[int]) -> dict[str, float]:
+    """``raypipe_epoch_counts`` for the given epochs of a run with this ``TrainConfig``."""
+    return merge(raypipe_epoch_counts(lengths, batch_size=train_cfg.batch_size, seed=train_cfg.seed, epoch=e,
+                                      workers=workers, grad_accum_steps=train_cfg.grad_accum_steps,
+                                      length_grouping=train_cfg.length_grouping) for e in epochs)
 
 
 def raypipe_epoch_counts(lengths: np.ndarray, *, batch_size: int, seed: int, epoch: int, workers: int = 1,
@@ -192,6 +201,13 @@ def bf16_support(device: str) -> str | None:
     return None
 
 
+def snap(tokens_per_batch: float) -> int:
+    """The nearest point of a grid of √2 steps (16, 23, 32, 45, 64, ... rounded to 8), so that
+    nearby batch shapes share one measurement and repeated measurements meet at the same shape."""
+    k = round(2 * math.log2(max(tokens_per_batch, 16.0)))
+    return max(16, int(round(2 ** (k / 2) / 8.0)) * 8)
+
+
 def _model_shape_rate(rates: dict[str, float], dims: dict[str, Any]) -> float:
     """One rate for a whole layer: its matmul FLOPs over the time they take at the measured rates."""
     h, i = dims["hidden"], dims["intermediate"]
@@ -207,7 +223,7 @@ def measure(dims: dict[str, Any], tokens_per_batch: Sequence[int], threads: Sequ
 
     no_bf16 = bf16_support(device)
     h, i = dims["hidden"], dims["intermediate"]
-    ms = sorted({max(16, int(round(t / 16.0)) * 16) for t in tokens_per_batch})
+    ms = sorted({snap(t) for t in tokens_per_batch})
     out: dict[str, Any] = {"device": device, "hidden": h, "intermediate": i, "bf16": "measured" if no_bf16 is None
                            else f"not supported: {no_bf16}", "by_threads": {}}
     for t in dict.fromkeys(threads):
@@ -261,7 +277,9 @@ def lookup(ceiling: dict[str, Any], threads: int | None, tokens_per_batch: float
     if key not in by_t:  # a GPU entry is keyed "None"; otherwise the nearest thread count
         key = min(by_t, key=lambda k: abs(int(k) - threads) if k.isdigit() and threads else 0)
     entry = by_t[key]
-    m = min(entry["by_tokens"], key=lambda k: abs(math.log(int(k) / max(tokens_per_batch, 1.0))))
+    m = str(snap(tokens_per_batch))
+    if m not in entry["by_tokens"]:  # measured elsewhere: the nearest shape
+        m = min(entry["by_tokens"], key=lambda k: abs(math.log(int(k) / max(tokens_per_batch, 1.0))))
     shapes = entry["by_tokens"][m]
     rates = shapes.get(dtype) or shapes["fp32"]
     return {"threads": entry["threads"], "tokens_per_batch": int(m), "dtype": dtype if dtype in shapes else "fp32",
@@ -311,23 +329,31 @@ def budget(u: dict[str, Any], dims: dict[str, Any]) -> dict[str, float]:
     memory = c["steps"] * OPTIMIZER_BYTES_PER_PARAM * dims["params"] / ref["copy_bytes_per_s"]
     shares = {"compute": compute / t, "padding": padding / t, "optimizer_memory": memory / t}
     shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+    # Elementwise kernels scale with the tokens processed, pad or not (Python per step does not):
+    # with the rest split by tokens, pad tokens cost this much of the time (an upper bound).
+    shares["padding_with_its_rest"] = u["padding_fraction"] * (1.0 - shares["optimizer_memory"])
     return shares
 
 
 def limit(name: str, u: dict[str, Any], ncpu: int | None = None, slower_than: tuple[str, float] | None = None) -> str:
     """One sentence: what limits this row, from its numbers."""
     b = u["budget"]
-    main = max(b, key=b.get)
+    pad_all = b.get("padding_with_its_rest", b["padding"])
+    weigh = {"compute": b["compute"], "padding": pad_all, "optimizer_memory": b["optimizer_memory"],
+             "other": b["other"] * (1.0 - u["padding_fraction"])}  # the rest of the real tokens' time
+    main = max(weigh, key=weigh.get)
     pct = {k: f"{100 * v:.0f}%" for k, v in b.items()}
     head = {
         "compute": f"compute: the matmuls alone, at the measured ceiling, fill {pct['compute']} of its time (MFU {u['mfu']:.2f})",
-        "padding": f"padding: {100 * u['padding_fraction']:.0f}% of the tokens it processes are pad, "
-                   f"which at the ceiling is {pct['padding']} of its time against {pct['compute']} for the real tokens",
+        "padding": f"padding: {100 * u['padding_fraction']:.0f}% of the tokens it processes are pad; their matmuls "
+                   f"alone take {pct['padding']} of its time at the ceiling (the real tokens' {pct['compute']}), and up to "
+                   f"~{100 * pad_all:.0f}% with their share of the non-matmul work, as far as that scales with tokens",
         "optimizer_memory": f"memory bandwidth: the optimiser's ~{OPTIMIZER_BYTES_PER_PARAM} B/parameter/step at the measured "
                             f"copy bandwidth take {pct['optimizer_memory']} of its time",
         "other": f"overhead outside the matmuls: {pct['other']} of its time is neither weight matmuls "
                  f"({pct['compute']}), padding ({pct['padding']}) nor optimiser traffic ({pct['optimizer_memory']}) — "
-                 "elementwise kernels, small-kernel launches and Python/framework work",
+                 "elementwise kernels, small-kernel launches, Python/framework work and, on a shared machine, "
+                 "waiting for a core",
     }[main]
     tail = []
     if main != "compute":

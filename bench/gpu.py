@@ -16,6 +16,10 @@ What runs depends on what the machine has (each part says why it was skipped):
   g4 serving     ``bench.serve`` with the Predictor on the GPU, when fastapi/uvicorn (bare) and
                  Ray Serve (raypipe) import.
 
+Every training part also measures the card's own ceiling in the same run (``bench.ceiling``:
+bf16 and fp32 matmul FLOP/s at the model's shapes, copy bandwidth, the dense peak) and reports
+each side's model FLOP/s and MFU against it (bf16 on the GPU), with what limits each side.
+
 Figures go to ``<out>/gpu.json`` (with the card's name); BENCHMARKS.md section 7 says how to
 read them. DESIGN.md's H200 anchors: MiniLM-L6 ≈ 7–9 k samples/s plain (≈ 10 k compiled),
 BERT-base ≈ 2.3–2.4 k (≈ 2.7 k compiled), TorchTrainer 0.77–0.98× of plain, HF Trainer on SST-2
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import tempfile
 import time
@@ -83,37 +86,73 @@ def synthetic_rows(n: int, length: int, vocab: int, seed: int = 0) -> dict[str, 
             "length": np.full(n, length, np.int32), "labels": rng.integers(0, 2, n).astype(np.int64)}
 
 
+def _ceiling_for(dims: dict[str, Any], shapes: list[float], device: str, threads: dict[str, int | None],
+                 quick: bool) -> dict[str, Any]:
+    from bench import ceiling as K
+
+    return K.measure(dims, shapes, sorted({t for t in threads.values() if t}) or [None], device=device,
+                     seconds=0.1 if quick else 0.3)
+
+
+def _threads(device: str, sides: list[str]) -> dict[str, int | None]:
+    """None on a GPU (the card is the ceiling); on a CPU run the driver's threads, or the raypipe
+    worker's reservation."""
+    import torch
+
+    if device == "cuda":
+        return {k: None for k in sides}
+    return {k: min(4, os.cpu_count() or 2) if k.startswith("raypipe") else torch.get_num_threads() for k in sides}
+
+
 def part_throughput(s: dict[str, Any], work: Path, device: str, tokenizer: str | None) -> dict[str, Any]:
+    from bench import ceiling as K
     from bench.plain_loop import train as plain_train
 
     out: dict[str, Any] = {}
+    dtype = "bf16" if s["amp"] == "bf16" else "fp32"
     for shape in s["shapes"]:
         mdir = random_model_dir(shape, work, tokenizer)
         rows = synthetic_rows(s["rows"], 128, 30522 if not tokenizer else 30000)
+        dims = K.model_dims(str(mdir))
+        threads = _threads(device, ["plain_eager", "plain_compiled", "raypipe_1w"])
+        before = _ceiling_for(dims, [s["batch_size"] * 128], device, threads, s["quick"])
         res: dict[str, Any] = {}
+        raw: dict[str, list[dict[str, Any]]] = {}
         for name, compile_ in (("plain_eager", False), ("plain_compiled", True)):
             if compile_ and not s["compile"]:
                 continue
-            vals = []
+            runs = []
             for _ in range(1 if compile_ else s["repeats"]):  # compiling costs ~a minute per run
                 r = plain_train(str(mdir), rows, num_labels=2, batch_size=s["batch_size"], epochs=2, lr=5e-5,
                                 device=device, amp=s["amp"], compile=compile_)
-                vals.append(r["epochs"][-1]["samples_per_s"])
-            res[name] = C.stats(vals)
+                last = r["epochs"][-1]
+                runs.append({"samples_per_s": last["samples_per_s"], "counts": last["counts"], "seconds": last["seconds"]})
+            res[name] = C.stats(x["samples_per_s"] for x in runs)
+            raw[name] = runs
         why = _have("ray.train", "raypipe.training", "mlflow") if tokenizer else "no --tokenizer for the raypipe side"
         if why is None:
-            res["raypipe_1w"] = _raypipe_throughput(s, work, str(mdir), device)
+            raw["raypipe_1w"] = _raypipe_throughput(s, work, str(mdir), device)
+            res["raypipe_1w"] = C.stats(x["samples_per_s"] for x in raw["raypipe_1w"])
             res["raypipe_vs_plain"] = res["raypipe_1w"]["median"] / res["plain_eager"]["median"]
         else:
             res["raypipe_1w"] = f"skipped: {why}"
+        ceil = K.best_of(before, _ceiling_for(dims, [s["batch_size"] * 128], device, threads, s["quick"]))
+        res.update(model_dims=dims, ceiling=ceil, threads=threads, utilisation=K.summarise_sides(
+            raw, dims, ceil, threads, dtype, baseline="plain_eager", ncpu=None if device == "cuda" else os.cpu_count(),
+            names={"plain_eager": "plain loop (eager)", "plain_compiled": "plain loop (torch.compile)",
+                   "raypipe_1w": "raypipe, 1 worker"}))
         out[shape] = res
-        C.log(f"gpu g1 {shape}: {json.dumps(res, default=str)[:400]}")
+        C.log(f"gpu g1 {shape}: " + ", ".join(f"{k} MFU {v['mfu']['median']:.2f}" for k, v in res["utilisation"].items()))
     return out
 
 
-def _raypipe_throughput(s: dict[str, Any], work: Path, model_dir: str, device: str) -> dict[str, Any]:
+def _raypipe_throughput(s: dict[str, Any], work: Path, model_dir: str, device: str) -> list[dict[str, Any]]:
     import csv
 
+    from transformers import AutoTokenizer
+
+    from bench import ceiling as K
+    from bench.plain_loop import tokenize
     from raypipe import training
     from raypipe.config import config_from_dict
 
@@ -124,7 +163,8 @@ def _raypipe_throughput(s: dict[str, Any], work: Path, model_dir: str, device: s
             w = csv.writer(f)
             w.writerow(["text", "label"])
             w.writerows(zip(texts[sl], labels[sl]))
-    vals = []
+    lengths = tokenize(AutoTokenizer.from_pretrained(model_dir), texts[: s["rows"]], labels[: s["rows"]], 128)["length"]
+    runs = []
     with C.ray_session(num_cpus=min(os.cpu_count() or 2, 8)):
         for i in range(s["repeats"]):
             cfg = config_from_dict({
@@ -138,8 +178,11 @@ def _raypipe_throughput(s: dict[str, Any], work: Path, model_dir: str, device: s
                             "cpus_per_worker": min(4, os.cpu_count() or 2)},
                 "tracking": {"log_checkpoint": False},
             })
-            vals.append(training.run(cfg).history[-1]["samples_per_s"])
-    return C.stats(vals)
+            h = training.run(cfg).history
+            counts = K.raypipe_run_counts(lengths, cfg.train, 1, [len(h)])
+            runs.append({"samples_per_s": h[-1]["samples_per_s"], "counts": counts,
+                         "seconds": counts["samples"] / h[-1]["samples_per_s"]})
+    return runs
 
 
 def part_sst2(s: dict[str, Any], work: Path, device: str, tokenizer: str | None, sst2: Path | None,
@@ -161,24 +204,33 @@ def part_sst2(s: dict[str, Any], work: Path, device: str, tokenizer: str | None,
     tok = AutoTokenizer.from_pretrained(tokenizer)
     rows = tokenize(tok, tr["text"].tolist(), tl, 64)
     vrows = tokenize(tok, dv["text"].tolist(), dl, 64)
+    from bench import ceiling as K
+
+    dims = K.model_dims(mdir)
+    dtype = "bf16" if s["amp"] == "bf16" else "fp32"
+    threads = _threads(device, ["hf_trainer", "plain_grouped", "raypipe"])
     raw: dict[str, list[dict[str, Any]]] = {"hf_trainer": [], "plain_grouped": []}
     for _ in range(s["repeats"]):
-        raw["hf_trainer"].append(run_trainer(mdir, tr["text"].tolist(), tl, dv["text"].tolist(), dl, num_labels=2,
-                                             max_length=64, batch_size=s["sst2_batch"], epochs=1, lr=1e-4,
-                                             bf16=s["amp"] == "bf16", use_cpu=device == "cpu"))
+        r = run_trainer(mdir, tr["text"].tolist(), tl, dv["text"].tolist(), dl, num_labels=2,
+                        max_length=64, batch_size=s["sst2_batch"], epochs=1, lr=1e-4,
+                        bf16=s["amp"] == "bf16", use_cpu=device == "cpu")
+        raw["hf_trainer"].append({**r, "seconds": r["counts"]["samples"] / r["samples_per_s"]})
         r = plain_train(mdir, rows, num_labels=2, batch_size=s["sst2_batch"], epochs=1, lr=1e-4, device=device,
                         amp=s["amp"], val_rows=vrows)
-        raw["plain_grouped"].append({"samples_per_s": r["epochs"][-1]["samples_per_s"], "accuracy": r["val_accuracy"]})
+        last = r["epochs"][-1]
+        raw["plain_grouped"].append({"samples_per_s": last["samples_per_s"], "accuracy": r["val_accuracy"],
+                                     "counts": last["counts"], "seconds": last["seconds"]})
     out: dict[str, Any] = {k: {"samples_per_s": C.stats(x["samples_per_s"] for x in v),
                                "accuracy": C.stats(x["accuracy"] for x in v)} for k, v in raw.items()}
     out["plain_grouped_vs_trainer"] = C.stats(a["samples_per_s"] / b["samples_per_s"]
                                               for a, b in zip(raw["plain_grouped"], raw["hf_trainer"]))
     why = _have("ray.train", "raypipe.training", "mlflow")
     if why is None:
-        from raypipe import training
+        from raypipe import tasks, training
         from raypipe.config import config_from_dict
+        from raypipe.data import load_splits
 
-        vals, accs = [], []
+        runs = []
         with C.ray_session(num_cpus=min(os.cpu_count() or 2, 8)):
             for i in range(s["repeats"]):
                 cfg = config_from_dict({
@@ -194,13 +246,25 @@ def part_sst2(s: dict[str, Any], work: Path, device: str, tokenizer: str | None,
                     "tracking": {"log_checkpoint": False},
                 })
                 h = training.run(cfg).history
-                vals.append(h[-1]["samples_per_s"])
-                accs.append(h[-1]["val_accuracy"])
-        out["raypipe"] = {"samples_per_s": C.stats(vals), "accuracy": C.stats(accs)}
+                if i == 0:  # raypipe's own rows of this subsample, for its token replay
+                    sp = load_splits(cfg.data)
+                    lengths = tasks.get(cfg.task).encode(tok, sp.train, sp.schema, 64)["length"]
+                counts = K.raypipe_run_counts(lengths, cfg.train, 1, [len(h)])
+                runs.append({"samples_per_s": h[-1]["samples_per_s"], "accuracy": h[-1]["val_accuracy"],
+                             "counts": counts, "seconds": counts["samples"] / h[-1]["samples_per_s"]})
+        raw["raypipe"] = runs
+        out["raypipe"] = {"samples_per_s": C.stats(x["samples_per_s"] for x in runs),
+                          "accuracy": C.stats(x["accuracy"] for x in runs)}
         out["raypipe_vs_trainer"] = out["raypipe"]["samples_per_s"]["median"] / out["hf_trainer"]["samples_per_s"]["median"]
     else:
         out["raypipe"] = f"skipped: {why}"
-    C.log(f"gpu g2: {json.dumps(out, default=str)[:600]}")
+    shapes = [x["counts"]["processed_tokens"] / x["counts"]["steps"] for v in raw.values() for x in v]
+    ceil = _ceiling_for(dims, shapes, device, threads, s["quick"])
+    out.update(model_dims=dims, ceiling=ceil, threads=threads, utilisation=K.summarise_sides(
+        raw, dims, ceil, threads, dtype, ncpu=None if device == "cuda" else os.cpu_count(),
+        names={"hf_trainer": "HF Trainer", "plain_grouped": "plain loop, length-grouped", "raypipe": "raypipe"}))
+    C.log("gpu g2: " + ", ".join(f"{k} {v['samples_per_s']['median']:.0f} samples/s MFU {v['mfu']['median']:.2f}"
+                                 for k, v in out["utilisation"].items()))
     return out
 
 

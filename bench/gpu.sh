@@ -9,7 +9,10 @@
 # 2. One device call (about 5-8 minutes of GPU time; the whole session budget is 15 min):
 #        run(command="bash bench/gpu.sh", carry=[".bench-gpu"], timeout_s=560)
 #    Figures come back as $OUT/gpu.json (+ gpu.log); copy gpu.json to bench/results/ and run
-#    `python -m bench report`, then write the prose of section 7 from it.
+#    `python -m bench report`, then write the prose of section 7 from it. Each training part
+#    measures the card's own ceiling in the same run (bf16 and fp32 matmul FLOP/s at the model's
+#    shapes, copy bandwidth, dense peak: bench/ceiling.py) and reports every side's model FLOP/s,
+#    MFU against the bf16 ceiling and what limits it; `grep MFU gpu.log` shows them as they land.
 # 3. bash bench/gpu.sh --unstage
 #
 # The device image has torch, transformers, accelerate, pandas, pyarrow — but not Ray, MLflow,

@@ -83,6 +83,17 @@ def render_utilisation(u: dict[str, Any], labels: dict[str, str] | None = None) 
     return out
 
 
+def utilisation_block(r: dict[str, Any], labels: dict[str, str], window: str) -> list[str]:
+    """The ceiling and the utilisation table of a result that has them (older results do not)."""
+    if not r.get("utilisation"):
+        return ["", "MFU: not in this result (measured from the next run of this benchmark on)."]
+    return ["", ceiling_line(r["ceiling"]), "", f"Over {window}, against that ceiling (model FLOPs: "
+            f"6 × {r['model_dims']['non_embedding_params']:,} non-embedding parameters per real token + attention; "
+            "MFU = model FLOP/s / the ceiling for the side's threads and batch shape; the time shares are what the "
+            "matmuls, the pad tokens and the optimiser's memory traffic would take at the ceiling, and the rest):",
+            ""] + render_utilisation(r["utilisation"], labels)
+
+
 def render_train(r: dict[str, Any]) -> list[str]:
     s = r["settings"]
     out = header(r) + [
@@ -97,12 +108,7 @@ def render_train(r: dict[str, Any]) -> list[str]:
         tgt = f"≥ {row['target']}×" if row.get("target") else "—"
         ep = {"last": f"{s['epochs']} (last)", "1": "1 (before any report)"}.get(row.get("epoch", "last"), row.get("epoch"))
         out.append(f"| {row['side']} / {row['baseline']} | {ep} | {C.fmt_ratio(row['ratio'])} | {tgt} | {_yes(row['met'])} |")
-    if r.get("utilisation"):
-        out += ["", ceiling_line(r["ceiling"]), "", f"Last epoch of each run against that ceiling (model FLOPs: "
-                f"6 × {r['model_dims']['non_embedding_params']:,} non-embedding parameters per real token + "
-                "attention; MFU = model FLOP/s / the ceiling for the side's threads):", ""]
-        out += render_utilisation(r["utilisation"])
-    return out
+    return out + utilisation_block(r, {}, "the last epoch of each run")
 
 
 def render_sst2(r: dict[str, Any]) -> list[str]:
@@ -118,7 +124,7 @@ def render_sst2(r: dict[str, Any]) -> list[str]:
         "| comparison | value | target | |", "|---|---|---|---|",
         f"| samples/s raypipe / Trainer | {C.fmt_ratio(row['ratio'])} | ≥ {row['target']}× (CPU), accuracy within 0.5 pt | {_yes(row['met'])} |",
         f"| dev accuracy raypipe − Trainer | {row['acc_delta_pt']:+.2f} pt (medians) | ≥ −0.5 pt | |",
-    ]
+    ] + utilisation_block(r, {"raypipe": "raypipe", "hf_trainer": "HF Trainer"}, "the whole run")
 
 
 def render_data(r: dict[str, Any]) -> list[str]:
@@ -274,6 +280,11 @@ def render_tasks(r: dict[str, Any]) -> list[str]:
                     f"{hf['spearman']:.4f} | {hf['rmse']:.4f} |"]
         out += ["", f"samples/s raypipe / Trainer: **{t['ratio']:.2f}×**. Registered {t['registered']} "
                 f"({t['promotion']}).", ""]
+        if t.get("utilisation"):
+            out += utilisation_block(t, {"raypipe": "raypipe", "hf_trainer": "HF Trainer"}, "each side's training run")[1:] + [""]
+        else:
+            out += [f"MFU: not measured in this result ({t.get('measured', 'an older run')}); the next run of "
+                    "`python -m bench tasks` records it.", ""]
         if t.get("http_samples"):
             out += ["Sample predictions of the served champion over HTTP:", "", "| input | predicted | true |",
                     "|---|---|---|"]
@@ -306,7 +317,33 @@ def render_batch(r: dict[str, Any]) -> list[str]:
     return out
 
 
-RENDER = {"batch": render_batch, "tasks": render_tasks, "train": render_train, "sst2": render_sst2, "data": render_data, "serve": render_serve,
+def render_gpu(r: dict[str, Any]) -> list[str]:
+    """Section 7's tables from ``gpu.json``: per training part, samples/s and MFU against the
+    card's ceiling measured in the same run."""
+    out = header(r)
+    st = r["settings"]
+    names = {"plain_eager": "plain loop (eager)", "plain_compiled": "plain loop (torch.compile)",
+             "raypipe_1w": "raypipe, 1 worker", "hf_trainer": "HF Trainer", "plain_grouped": "plain loop, length-grouped",
+             "raypipe": "raypipe"}
+    for shape, res in (r["parts"].get("g1") or {}).items():
+        if not isinstance(res, dict) or "utilisation" not in res:
+            out += [f"**g1 {shape}**: {res.get('error', res) if isinstance(res, dict) else res}", ""]
+            continue
+        skipped = [f"{k} {v}" for k, v in res.items() if isinstance(v, str) and v.startswith("skipped")]
+        out += [f"**g1 throughput, {shape}** ({st['rows']} synthetic 128-token rows, batch {st['batch_size']}, "
+                f"{st['amp']}, 2 epochs, the last one measured)" + (f"; {'; '.join(skipped)}" if skipped else "") + "."]
+        out += utilisation_block(res, names, "the last epoch") + [""]
+    g2 = r["parts"].get("g2") or {}
+    if "utilisation" in g2:
+        skipped = f"; raypipe {g2['raypipe']}" if isinstance(g2.get("raypipe"), str) else ""
+        out += [f"**g2 SST-2** ({st['sst2_rows']} sentences, batch {st['sst2_batch']}, {st['amp']}, 1 epoch){skipped}."]
+        out += utilisation_block(g2, names, "the epoch") + [""]
+    elif g2:
+        out += [f"**g2 SST-2**: {g2.get('skipped') or g2.get('error')}", ""]
+    return out
+
+
+RENDER = {"gpu": render_gpu, "batch": render_batch, "tasks": render_tasks, "train": render_train, "sst2": render_sst2, "data": render_data, "serve": render_serve,
           "tune": render_tune, "startup": render_startup}
 
 
@@ -321,11 +358,19 @@ def summary(results: dict[str, dict[str, Any]]) -> list[str]:
             if not row.get("target"):
                 ep = " (epoch 1)" if row.get("epoch") == "1" else ""
                 out.append(f"| 1. train {row['side']} vs {row['baseline']}{ep} | — | {C.fmt_ratio(row['ratio'])} | — |")
+        if t.get("utilisation"):
+            out.append("| 1. train MFU (last epoch, vs the fp32 matmul ceiling measured in the run) | — | "
+                       + ", ".join(f"{k} {u['mfu']['median']:.2f}" for k, u in t["utilisation"].items()) + " | — |")
     s = results.get("sst2")
     if s:
         row = s["rows"][0]
         out.append(f"| 2. SST-2 raypipe vs HF Trainer (CPU) | ≥ 1.5×, acc ±0.5 pt | {C.fmt_ratio(row['ratio'])}, "
                    f"acc {row['acc_delta_pt']:+.2f} pt | {_yes(row['met'])} |")
+        if s.get("utilisation"):
+            u = s["utilisation"]
+            out.append(f"| 2. SST-2 MFU, raypipe / HF Trainer (padding) | — | {u['raypipe']['mfu']['median']:.2f} "
+                       f"({100 * u['raypipe']['padding_fraction']['median']:.0f}% pad) / {u['hf_trainer']['mfu']['median']:.2f} "
+                       f"({100 * u['hf_trainer']['padding_fraction']['median']:.0f}% pad) | — |")
     d = results.get("data")
     if d:
         for row in d["rows"]:
@@ -353,6 +398,10 @@ def summary(results: dict[str, dict[str, Any]]) -> list[str]:
                           "token_classification": ("test_entity_f1", "entity_f1")}.get(t["task"], ("test_pearson", "pearson"))
             out.append(f"| 8. {name} raypipe vs HF Trainer (CPU) | — | {t['ratio']:.2f}× samples/s, {key} "
                        f"{t['raypipe_test'][key]:.3f} vs {t['trainer_test'][other]:.3f} | — |")
+            if t.get("utilisation"):
+                u = t["utilisation"]
+                out.append(f"| 8. {name} MFU, raypipe / HF Trainer | — | {u['raypipe']['mfu']['median']:.2f} / "
+                           f"{u['hf_trainer']['mfu']['median']:.2f} | — |")
     b = results.get("batch")
     if b:
         row = b["rows"][0]
@@ -366,7 +415,14 @@ def summary(results: dict[str, dict[str, Any]]) -> list[str]:
         out.append(f"| 6. `raypipe --help` | < 0.5 s | {C.fmt_num(sec['raypipe_help'], 2)} s | {_yes(st['rows'][0]['met'])} |")
         if "serve_cold_start" in sec:
             out.append(f"| 6. Serve cold start to /ready | — | {C.fmt_num(sec['serve_cold_start'], 1)} s | — |")
-    out.append("| 7. GPU | see section 7 | not run (no GPU lent to this session) | — |")
+    g = results.get("gpu")
+    if g and not g.get("quick") and g.get("machine", {}).get("gpu"):
+        for shape, res in (g["parts"].get("g1") or {}).items():
+            for side, u in (res.get("utilisation") or {}).items() if isinstance(res, dict) else ():
+                out.append(f"| 7. GPU g1 {shape} {side} | — | {C.fmt_num(u['samples_per_s'], 0)} samples/s, "
+                           f"MFU {C.fmt_num(u['mfu'], 2)} | — |")
+    else:
+        out.append("| 7. GPU | see section 7 | not run (no GPU lent to this session) | — |")
     if any(r.get("quick") for r in results.values()):
         out.append("")
         out.append("Some of these results come from `--quick` runs: smoke numbers only.")

@@ -8,6 +8,11 @@ padding) with random batches; raypipe uses its length-grouped batches trimmed pe
 
 samples/s counts training steps only on both sides (raypipe: its per-epoch metric; Trainer:
 ``train_samples_per_second``); Ray start-up and evaluation are excluded on both.
+
+Beside them, the machine's ceiling (``bench.ceiling``), measured in this run before the first
+side (at raypipe's batch shape) and after the last (at both sides' shapes), and each side's
+tokens (the Trainer's counted in its collator, raypipe's replayed from the same rows with its
+own batching function), padding, model FLOP/s and MFU.
 """
 
 from __future__ import annotations
@@ -33,8 +38,12 @@ def settings(quick: bool) -> dict[str, Any]:
 
 
 def run(quick: bool = False, repeats: int | None = None, work: Path | None = None) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from bench import ceiling as K
     from bench.hf_trainer import run_trainer
-    from raypipe import training
+    from raypipe import tasks, training
     from raypipe.config import config_from_dict
     from raypipe.data import load_splits
 
@@ -68,25 +77,42 @@ def run(quick: bool = False, repeats: int | None = None, work: Path | None = Non
     train_texts, train_ids = list(splits.train["text"]), [int(x) for x in splits.label_ids(splits.train)]
     dev_texts, dev_ids = list(splits.val["text"]), [int(x) for x in splits.label_ids(splits.val)]
     s["train_rows_actual"], s["dev_rows_actual"] = len(train_texts), len(dev_texts)
+    probe = cfg("probe")
+    lengths = tasks.get(probe.task).encode(AutoTokenizer.from_pretrained(src), splits.train, splits.schema,
+                                           s["max_length"])["length"]
+    dims = K.model_dims(src, num_labels=len(splits.labels))
+    threads = {"raypipe": int(s["cpus_per_worker"]), "hf_trainer": torch.get_num_threads()}
 
     def raypipe_side() -> dict[str, Any]:
         counter["n"] += 1
         res = training.run(cfg(f"sst2-{counter['n']}"), splits=splits)
         h = res.history
         total_sps = len(h) / sum(1.0 / e["samples_per_s"] for e in h)  # equal epochs: harmonic mean
-        return {"samples_per_s": total_sps, "accuracy": h[-1]["val_accuracy"]}
+        counts = K.raypipe_run_counts(lengths, probe.train, s["num_workers"], range(1, len(h) + 1))
+        return {"samples_per_s": total_sps, "accuracy": h[-1]["val_accuracy"], "counts": counts,
+                "seconds": counts["samples"] / total_sps}
 
     def trainer_side() -> dict[str, Any]:
-        return run_trainer(src, train_texts, train_ids, dev_texts, dev_ids, num_labels=len(splits.labels),
-                           max_length=s["max_length"], batch_size=s["batch_size"], epochs=s["epochs"],
-                           lr=s["lr"], warmup_ratio=0.1, weight_decay=0.01, seed=42)
+        r = run_trainer(src, train_texts, train_ids, dev_texts, dev_ids, num_labels=len(splits.labels),
+                        max_length=s["max_length"], batch_size=s["batch_size"], epochs=s["epochs"],
+                        lr=s["lr"], warmup_ratio=0.1, weight_decay=0.01, seed=42)
+        return {**r, "seconds": r["counts"]["samples"] / r["samples_per_s"]}
 
+    def ceiling(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        shapes = [r["counts"]["processed_tokens"] / r["counts"]["steps"] for v in runs.values() for r in v]
+        return K.measure(dims, shapes, sorted(set(threads.values())), seconds=0.1 if quick else 0.3)
+
+    first = K.raypipe_run_counts(lengths, probe.train, s["num_workers"], [1])
+    before = ceiling({"raypipe": [{"counts": first}]})
     with C.ray_session(num_cpus=os.cpu_count() or 2):
         raw = C.alternate({"raypipe": raypipe_side, "hf_trainer": trainer_side}, s["repeats"], "sst2")
+    ceil = K.best_of(before, ceiling(raw))
     ratio = C.stats(a["samples_per_s"] / b["samples_per_s"] for a, b in zip(raw["raypipe"], raw["hf_trainer"]))
     acc_rp = C.stats(r["accuracy"] for r in raw["raypipe"])
     acc_hf = C.stats(r["accuracy"] for r in raw["hf_trainer"])
     acc_delta = acc_rp["median"] - acc_hf["median"]
+    util = K.summarise_sides(raw, dims, ceil, threads, "fp32", ncpu=os.cpu_count(),
+                             names={"raypipe": "raypipe", "hf_trainer": "HF Trainer"})
     return {
         "name": "sst2",
         "title": "2. SST-2 (short real text): raypipe vs Hugging Face Trainer",
@@ -94,6 +120,7 @@ def run(quick: bool = False, repeats: int | None = None, work: Path | None = Non
         "settings": s,
         "machine": C.machine(),
         "raw": raw,
+        "model_dims": dims, "ceiling": ceil, "threads": threads, "utilisation": util,
         "rows": [{
             "ratio": ratio, "target": TARGET_CPU, "met": ratio["median"] >= TARGET_CPU and acc_delta >= -ACC_TOLERANCE,
             "raypipe_sps": C.stats(r["samples_per_s"] for r in raw["raypipe"]),

@@ -11,6 +11,11 @@ both) for the same epochs, batch size, learning rate, warm-up and seed, with tra
 MSE on the raw score) and ``DataCollatorWithPadding``, and is scored on the same test rows with
 the same metric formulas. samples/s counts training steps only on both sides.
 
+Beside each task, the machine's ceiling (``bench.ceiling``), measured right after that task's two
+sides at both sides' batch shapes, and each side's tokens (the Trainer's counted in its collator,
+raypipe's replayed from the same rows — windows for CoNLL — with its own batching function),
+padding, model FLOP/s and MFU over the training run.
+
 For GoEmotions raypipe's test F1 is given twice: with the per-label thresholds it fits on the
 validation file (what it serves) and at a flat 0.5 (what the Trainer recipe uses), so the effect
 of the thresholds and that of the training are told apart.
@@ -119,7 +124,8 @@ def run_task(name: str, s: dict[str, Any], work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {
         "task": cfg.task, "train_rows": len(splits.train), "val_rows": len(splits.val), "test_rows": len(splits.test),
         "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
-        "max_length": cfg.data.max_length, "raypipe_samples_per_s": rp_sps, "pipeline_wall_s": pipeline_wall,
+        "max_length": cfg.data.max_length, "raypipe_samples_per_s": rp_sps, "raypipe_epochs": len(h),
+        "pipeline_wall_s": pipeline_wall,
         "stage_seconds": res.stage_seconds, "raypipe_test": dict(res.evaluation.metrics),
         "registered": res.registration.uri if res.registration else None,
         "promotion": res.registration.decision.reason if res.registration else None,
@@ -127,7 +133,8 @@ def run_task(name: str, s: dict[str, Any], work: Path) -> dict[str, Any]:
     }
 
     if cfg.task == "token_classification":
-        return _ner(cfg, src, splits, res, out)
+        out = _ner(cfg, src, splits, res, out)
+        return _with_utilisation(out, cfg, src, splits, s)
     if cfg.task == "multi_label":
         labels = list(splits.schema["labels"])
         index = {label: j for j, label in enumerate(labels)}
@@ -158,7 +165,36 @@ def run_task(name: str, s: dict[str, Any], work: Path) -> dict[str, Any]:
     else:
         out["trainer_test"] = f1_scores(1.0 / (1.0 + np.exp(-pred)), np.asarray(test_y), [0.5] * len(test_y[0]))
     out["trainer_samples_per_s"] = hf["samples_per_s"]
+    out["trainer_counts"] = hf["counts"]
     out["ratio"] = rp_sps / hf["samples_per_s"]
+    return _with_utilisation(out, cfg, src, splits, s)
+
+
+def _with_utilisation(out: dict[str, Any], cfg: Any, src: str, splits: Any, s: dict[str, Any]) -> dict[str, Any]:
+    """The ceiling, measured now (right after this task's two sides), and both sides' tokens,
+    model FLOP/s and MFU over their training run. raypipe's epochs are ``out['raypipe_epochs']``
+    (a sweep's champion may have stopped early), its tokens replayed on its own encoded rows."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from bench import ceiling as K
+    from raypipe import runtime, tasks
+
+    lengths = tasks.get(cfg.task).encode(AutoTokenizer.from_pretrained(src), splits.train, splits.schema,
+                                         cfg.data.max_length)["length"]
+    workers = max(cfg.scaling.num_workers, 1)
+    train_cfg = cfg.train.model_copy(update=out.get("raypipe_train_overrides", {}))  # a sweep's champion
+    counts = K.raypipe_run_counts(lengths, train_cfg, workers, range(1, out["raypipe_epochs"] + 1))
+    raw = {"raypipe": [{"counts": counts, "seconds": counts["samples"] / out["raypipe_samples_per_s"]}],
+           "hf_trainer": [{"counts": out["trainer_counts"],
+                           "seconds": out["trainer_counts"]["samples"] / out["trainer_samples_per_s"]}]}
+    threads = {"raypipe": max(1, round(runtime.cpus_per_worker(cfg))) if cfg.scaling.num_workers
+               else torch.get_num_threads(), "hf_trainer": torch.get_num_threads()}
+    dims = K.model_dims(src, token_level=cfg.task == "token_classification", num_labels=len(splits.schema.get("labels") or [1]))
+    shapes = [r[0]["counts"]["processed_tokens"] / max(r[0]["counts"]["steps"], 1) for r in raw.values()]
+    ceil = K.measure(dims, shapes, sorted(set(threads.values())), seconds=0.1 if s["model"] == "tiny" else 0.3)
+    out.update(model_dims=dims, ceiling=ceil, threads=threads, utilisation=K.summarise_sides(
+        raw, dims, ceil, threads, "fp32", ncpu=os.cpu_count(), names={"raypipe": "raypipe", "hf_trainer": "HF Trainer"}))
     return out
 
 
@@ -178,6 +214,9 @@ def _ner(cfg: Any, src: str, splits: Any, res: Any, out: dict[str, Any]) -> dict
         client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
         history = client.get_metric_history(res.tune.best_run_id, "samples_per_s")
         out["raypipe_samples_per_s"] = len(history) / sum(1.0 / m.value for m in history)
+        out["raypipe_epochs"] = len(history)
+        out["raypipe_train_overrides"] = {k[len("train."):]: v for k, v in res.tune.best_config.items()
+                                          if k.startswith("train.")}
         out["sweep"] = [{k: t.get(k) for k in ("trial_id", "config", "status", "epochs", cfg.tune.metric)}
                         for t in res.tune.trials]
     out["lr"] = lr
@@ -194,6 +233,7 @@ def _ner(cfg: Any, src: str, splits: Any, res: Any, out: dict[str, Any]) -> dict
     out["raypipe_per_type_f1"] = {k: v["f1"] for k, v in res.evaluation.details["per_type"].items()}
     out["trainer_per_type_f1"] = {k: v["f1"] for k, v in scores.details["per_type"].items()}
     out["trainer_samples_per_s"] = hf["samples_per_s"]
+    out["trainer_counts"] = hf["counts"]
     out["ratio"] = out["raypipe_samples_per_s"] / hf["samples_per_s"]
     out["long_test_sentences"] = int(sum(len(w) > cfg.data.max_length // 2 for w in splits.test["tokens"]))
     return out

@@ -119,10 +119,7 @@ def run(quick: bool = False, repeats: int | None = None, work: Path | None = Non
             cfg = raypipe_config(work, src, train_csv, val_csv, s, num_workers, cpus, f"bench{counter['n']}")
             res = training.run(cfg)
             hist = res.history
-            counts = K.raypipe_epoch_counts(rows["length"], batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                            epoch=len(hist), workers=max(num_workers, 1),
-                                            grad_accum_steps=cfg.train.grad_accum_steps,
-                                            length_grouping=cfg.train.length_grouping)
+            counts = K.raypipe_run_counts(rows["length"], cfg.train, max(num_workers, 1), [len(hist)])
             return {"samples_per_s": hist[-1]["samples_per_s"], "epochs": [h["samples_per_s"] for h in hist],
                     "counts": counts, "seconds": counts["samples"] / hist[-1]["samples_per_s"]}
         return side
