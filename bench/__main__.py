@@ -39,6 +39,8 @@ def run_one(name: str, quick: bool, repeats: int | None, out: Path) -> dict:
     result = mod.run(quick=quick, repeats=repeats)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     result["quick"] = quick
+    if repeats and "--repeats" not in result.get("command", ""):  # the command that made these numbers
+        result["command"] = f"{result.get('command', 'python -m bench ' + name)} --repeats {repeats}"
     C.save_result(name, result, out)
     return result
 

@@ -344,7 +344,7 @@ def limit(name: str, u: dict[str, Any], ncpu: int | None = None, slower_than: tu
     main = max(weigh, key=weigh.get)
     pct = {k: f"{100 * v:.0f}%" for k, v in b.items()}
     head = {
-        "compute": f"compute: the matmuls alone, at the measured ceiling, fill {pct['compute']} of its time (MFU {u['mfu']:.2f})",
+        "compute": f"compute: the matmuls alone, at the measured ceiling, fill {pct['compute']} of its time",
         "padding": f"padding: {100 * u['padding_fraction']:.0f}% of the tokens it processes are pad; their matmuls "
                    f"alone take {pct['padding']} of its time at the ceiling (the real tokens' {pct['compute']}), and up to "
                    f"~{100 * pad_all:.0f}% with their share of the non-matmul work, as far as that scales with tokens",
@@ -355,9 +355,7 @@ def limit(name: str, u: dict[str, Any], ncpu: int | None = None, slower_than: tu
                  "elementwise kernels, small-kernel launches, Python/framework work and, on a shared machine, "
                  "waiting for a core",
     }[main]
-    tail = []
-    if main != "compute":
-        tail.append(f"MFU {u['mfu']:.2f}")
+    tail = [f"MFU {u['mfu']:.2f}"]
     thr = u["ceiling"]["threads"]
     if ncpu and thr and thr < ncpu:
         tail.append(f"on {thr} of the {ncpu} cores by its reservation")

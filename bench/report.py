@@ -56,7 +56,9 @@ def ceiling_line(c: dict[str, Any]) -> str:
             f" / {fmt_rate(e['peak_bf16'])} bf16" if "peak_bf16" in e else "")
         parts.append(f"**{where}**: " + "; ".join(shapes) + f"; copy {fmt_rate(e['copy_bytes_per_s'], 'B/s')}; {peak}")
     n = len(c.get("measurements", [c]))
-    return (f"Ceiling (`bench/ceiling.py`, measured in this run, best of {n} measurement{'s' if n > 1 else ''}: "
+    when = ("two passes, before and after the sides, the best kept where both measured a shape" if n == 2 else
+            "one pass, after the sides" if n == 1 else f"{n} passes, the best kept per shape")
+    return (f"Ceiling (`bench/ceiling.py`, measured in this run — {when}: "
             f"matmuls [tokens, {c['hidden']}] × [{c['hidden']}, {c['hidden']}] and [{c['hidden']}, {c['intermediate']}], "
             "weighted as in a layer): " + " — ".join(parts) + ".")
 
