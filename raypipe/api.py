@@ -79,7 +79,10 @@ PredictorProvider = Callable[[], "Predictor | None"]
 # predict_fn(inputs) -> (one prediction dict per input, the Predictor that made them). Inputs are
 # texts, or (a, b) pairs for a pair model. Returning the predictor lets the response name the
 # model that really answered, even across a swap.
-PredictFn = Callable[[list[Any]], Awaitable[tuple[list[dict[str, Any]], "Predictor"]]]
+PredictFn = Callable[..., Awaitable[tuple[list[dict[str, Any]], "Predictor"]]]
+# adapter_fn(model id) -> the Predictor of that served adapter, or ApiError 404 naming what is served.
+AdapterFn = Callable[[str], Awaitable["Predictor"]]
+MODEL_HEADER = "serve_multiplexed_model_id"  # Ray Serve routes by it to a replica that has the model
 
 RETRY_AFTER_S = 1
 _MAX_PROBLEMS = 10  # a 10k-item garbage list must not produce a 10k-line error
@@ -117,6 +120,11 @@ class PredictRequest(BaseModel):
     )
     top_k: StrictInt | None = Field(
         None, ge=1, description="Return only the k highest per-label scores (classification, multi-label)."
+    )
+    model: StrictStr | None = Field(
+        None, description="Which served model answers, when the server holds several LoRA adapters "
+        "(`serve.adapters`), e.g. `bbc-lora/2`; the same as the `serve_multiplexed_model_id` header. "
+        "Default: the deployment's model."
     )
 
     @field_validator("texts")
@@ -319,6 +327,13 @@ def model_info(predictor: Predictor) -> ModelInfo:
         version=None if version is None else str(version),
         run_id=meta.get("run_id"),
     )
+
+
+def _ids(info: ModelInfo) -> list[str]:
+    """The names a request may use for a served model: ``name/version`` first."""
+    if info.version is None:
+        return [str(info.name)]
+    return [f"{info.name}/{info.version}", f"models:/{info.name}/{info.version}"]
 
 
 def top_k(prediction: dict[str, Any], k: int | None) -> dict[str, Any]:
@@ -540,9 +555,9 @@ def _problems(err: ValidationError) -> list[str]:
     return out
 
 
-async def _default_predict(provider: PredictorProvider, stats: BatchStats,
-                           texts: list[Any]) -> tuple[list[dict[str, Any]], Predictor]:
-    predictor = provider()
+async def _default_predict(provider: PredictorProvider, stats: BatchStats, texts: list[Any],
+                           adapter: Predictor | None = None) -> tuple[list[dict[str, Any]], Predictor]:
+    predictor = adapter or provider()
     if predictor is None:
         raise ApiError(503, "the model is not loaded yet; retry shortly",
                        headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -565,6 +580,7 @@ def create_app(
     serving_info: Callable[[], dict[str, Any]] | None = None,
     source: Callable[[], str | None] | None = None,
     loaded_at: Callable[[], float | None] | None = None,
+    adapter_fn: AdapterFn | None = None,
 ) -> FastAPI:
     """Build the FastAPI app.
 
@@ -579,6 +595,9 @@ def create_app(
         serving_info: extra fields for ``/metadata["serving"]`` (replica id, batching, ...).
         source, loaded_at: where the current model came from and when (for ``/metadata``);
             read from ``predictor_provider`` when it is a :class:`ModelSlot`.
+        adapter_fn: ``async (model id) -> Predictor`` of another served LoRA adapter, chosen by
+            a request's ``model`` field or ``serve_multiplexed_model_id`` header; without it a
+            request that names a model other than the one served gets 404.
     """
     from raypipe import __version__
 
@@ -593,8 +612,8 @@ def create_app(
             raise TypeError("the default predict path records into a BatchStats; pass one")
         default_stats = stats
 
-        async def predict_fn(texts: list[Any]) -> tuple[list[dict[str, Any]], Predictor]:
-            return await _default_predict(predictor_provider, default_stats, texts)
+        async def predict_fn(texts: list[Any], adapter: Predictor | None = None) -> tuple[list[dict[str, Any]], Predictor]:
+            return await _default_predict(predictor_provider, default_stats, texts, adapter)
 
     if isinstance(predictor_provider, ModelSlot):
         slot = predictor_provider
@@ -707,6 +726,16 @@ def create_app(
             more = [f"... and {len(problems) - _MAX_PROBLEMS} more"] if len(problems) > _MAX_PROBLEMS else []
             raise ApiError(422, "; ".join(problems[:3]), problems[:_MAX_PROBLEMS] + more) from None
         predictor = current_or_503()
+        chosen = req.model or request.headers.get(MODEL_HEADER) or None
+        adapter = None
+        if chosen is not None:
+            if adapter_fn is None:
+                served = model_info(predictor)
+                if chosen not in _ids(served):
+                    raise ApiError(404, f"model '{chosen}' is not served here; this server serves "
+                                   f"{_ids(served)[0]} only", [f"model: leave it out or use {_ids(served)[0]}"])
+            else:
+                adapter = predictor = await adapter_fn(chosen)
         if predictor.pair and req.pairs is None:
             raise ApiError(422, 'this model compares two texts: send {"pairs": [["text a", "text b"], ...]}',
                            ["texts/text: not accepted by a sentence-pair model"])
@@ -723,7 +752,7 @@ def create_app(
             if req.top_k > len(predictor.labels):
                 raise ApiError(422, f"top_k is {req.top_k} but the model has {len(predictor.labels)} classes",
                                [f"top_k: must be between 1 and {len(predictor.labels)}"])
-        preds, used = await predict_fn(req.inputs())
+        preds, used = await (predict_fn(req.inputs(), adapter) if adapter is not None else predict_fn(req.inputs()))
         return PredictResponse(predictions=[top_k(p, req.top_k) for p in preds], model=model_info(used))
 
     base_openapi = app.openapi

@@ -25,6 +25,7 @@ examples:
   raypipe serve models:/raypipe-classifier@champion --config examples/configs/quickstart.yaml
   raypipe predict --url http://127.0.0.1:8000 "Shares rose after the results"
   raypipe run examples/configs/quickstart.yaml        # the whole pipeline
+  raypipe export models:/raypipe-classifier@champion --merge -o merged/   # a LoRA model as plain transformers
 
 Overrides are dotted key paths with YAML values: train.lr=3e-5 data.text_columns=[title,body].
 """
@@ -178,6 +179,16 @@ def _predict_files(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from raypipe.registration import export
+
+    cfg = _config(args)
+    out = export(args.model, args.output, merge=args.merge, tracking_uri=cfg.resolved_tracking_uri,
+                 overwrite=args.overwrite)
+    print(f"exported {args.model} to {out}" + (" (adapter merged into its base)" if args.merge else ""))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from raypipe.pipeline import run
 
@@ -295,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--truncate", action="store_true", help="score texts over max_length truncated "
                    "instead of rejecting them")
     b.add_argument("--no-log", action="store_true", help="do not record the job as an MLflow run")
+    p.set_defaults(overrides=[])
+
+    p = add("export", _cmd_export, "write a model as a plain transformers dir (a LoRA adapter merged into its base)")
+    p.add_argument("model", help="checkpoint dir, models:/name@alias or models:/name/VERSION")
+    p.add_argument("--output", "-o", required=True, help="directory to write")
+    p.add_argument("--merge", action="store_true", help="fold a LoRA adapter into the base weights")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it is not empty")
+    p.add_argument("--config", "-c", help="config (for the tracking URI of models:/ URIs)")
     p.set_defaults(overrides=[])
 
     p = add("run", _cmd_run, "the whole pipeline: tune/train -> evaluate -> register -> serve")

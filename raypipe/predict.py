@@ -9,9 +9,10 @@ resolved to a local dir first, by :func:`raypipe.registry.load_predictor`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,14 @@ from raypipe.errors import DataError
 
 
 class Predictor:
-    def __init__(self, model: Any, tokenizer: Any, meta: dict[str, Any], device: str = "cpu"):
+    """Answers for one model. ``adapter`` names the LoRA adapter to activate on ``model`` when
+    several adapters share it (multiplexed serving): every forward pass then holds ``lock``,
+    so switching adapters never happens under another thread's forward pass."""
+
+    def __init__(self, model: Any, tokenizer: Any, meta: dict[str, Any], device: str = "cpu", *,
+                 adapter: str | None = None, lock: Any = None):
+        self.adapter = adapter
+        self.lock = lock
         self.model = model
         self.tokenizer = tokenizer
         self.meta = meta
@@ -61,8 +69,18 @@ class Predictor:
         """One answer per input (a text, or an ``(a, b)`` pair for a pair model)."""
         items = self.check_inputs(inputs)
         options = {} if top_k is None else {"top_k": top_k}
-        return self.task.predict(self.model, self.tokenizer, items, self.schema,
-                                 max_length=self.max_length, batch_size=batch_size, **options)
+        with self._active():
+            return self.task.predict(self.model, self.tokenizer, items, self.schema,
+                                     max_length=self.max_length, batch_size=batch_size, **options)
+
+    @contextlib.contextmanager
+    def _active(self) -> Iterator[None]:
+        if self.adapter is None:
+            yield
+            return
+        with self.lock:
+            self.model.set_adapter(self.adapter)
+            yield
 
     def predict_proba(self, inputs: Sequence[Any], batch_size: int = 64) -> Any:
         """Class probabilities, shape (len(inputs), num_labels), float32 — for the tasks that
@@ -73,8 +91,9 @@ class Predictor:
         from raypipe.tasks._text import forward_logits
 
         items = self.check_inputs(inputs)
-        return probabilities(forward_logits(self.model, self.tokenizer, items, self.schema,
-                                            max_length=self.max_length, batch_size=batch_size))
+        with self._active():
+            return probabilities(forward_logits(self.model, self.tokenizer, items, self.schema,
+                                                max_length=self.max_length, batch_size=batch_size))
 
     def warmup_inputs(self) -> list[Any]:
         """A short and a maximal input: the first forward pass pays for lazy initialisation, and a

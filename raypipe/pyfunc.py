@@ -173,14 +173,15 @@ def input_example(pair: bool) -> Any:
     return pd.DataFrame(row)
 
 
-def pip_requirements() -> list[str]:
+def pip_requirements(adapter: bool = False) -> list[str]:
     """Explicit requirements: MLflow's inference would import-trace the model and go looking for
     torchvision (see DESIGN.md). torch is pinned by its public version only, so a CUDA build
     (``+cu124``) and a CPU build (``+cpu``) both satisfy it."""
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for pkg in ("raypipe", "mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy"):
+    pkgs = ("raypipe", "mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy")
+    for pkg in (*pkgs, "peft") if adapter else pkgs:
         try:
             v = version(pkg).split("+", 1)[0]
         except PackageNotFoundError:
@@ -222,7 +223,7 @@ def save(checkpoint_dir: str | os.PathLike[str], path: str | os.PathLike[str], m
             str(out),
             python_model=str(entry),
             artifacts={CHECKPOINT_ARTIFACT: str(staged)},
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(adapter=bool(meta.get("peft"))),
             metadata=metadata,
             signature=signature(task, pair),
             input_example=input_example(pair),

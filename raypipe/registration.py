@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from raypipe.errors import CheckpointError
+from raypipe.errors import CheckpointError, ConfigError
 from raypipe.registry import (
     RegisterResult,
     add_version,
@@ -82,3 +82,44 @@ def run(
 
 
 register_checkpoint = run  # the name this function had when it lived in raypipe.registry
+
+
+def export(source: str | os.PathLike[str], output: str | os.PathLike[str], *, merge: bool = False,
+           tracking_uri: str | None = None, overwrite: bool = False) -> Path:
+    """Write a checkpoint (dir or ``models:/`` URI) as a plain transformers model dir that
+    ``AutoModelFor*.from_pretrained`` and raypipe both load; an adapter is merged into its
+    base (``merge=True``), so no peft is needed at inference. No training state is copied."""
+    import shutil
+    import tempfile
+
+    from raypipe.adapters import merge as merge_adapter
+    from raypipe.model import load_checkpoint, read_meta, save_checkpoint
+    from raypipe.registry import resolve
+
+    out = Path(output).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ConfigError(f"export: '{out}' exists and is not empty; choose another --output or pass --overwrite")
+    resolved = resolve(source, tracking_uri=tracking_uri)
+    meta = read_meta(resolved.path)
+    if meta.get("peft") and not merge:
+        raise ConfigError(f"export: '{source}' is a LoRA adapter; pass --merge to fold it into its base "
+                          "(or use the checkpoint dir as it is, with peft installed)")
+    model, tokenizer, meta = load_checkpoint(resolved.path, device="cpu")
+    record = {k: v for k, v in meta.items() if k not in ("peft", "path", "format_version", "raypipe_version")}
+    if meta.get("peft"):
+        model = merge_adapter(model)
+        record["merged_from"] = {"source": str(source), "peft": meta["peft"],
+                                 **({"model_name": resolved.name, "model_version": resolved.version}
+                                    if resolved.name else {})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # whole or nothing
+    try:
+        save_checkpoint(staged, model, tokenizer, record)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return out

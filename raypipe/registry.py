@@ -52,6 +52,9 @@ TAG_CHECKPOINT = "raypipe.checkpoint"
 TAG_LABELS = "raypipe.labels"
 TAG_TASK = "raypipe.task"
 TAG_EVAL_RUN = "raypipe.eval_run"
+TAG_PEFT = "raypipe.peft"  # an adapter version: its method, and the base it needs
+TAG_BASE_MODEL = "raypipe.base_model"
+TAG_BASE_FINGERPRINT = "raypipe.base_fingerprint"
 TAG_PROMOTION = "raypipe.promotion"
 TAG_PROMOTION_REASON = "raypipe.promotion_reason"
 
@@ -598,6 +601,12 @@ def add_version(
         }
         if fingerprint:
             tags[TAG_FINGERPRINT] = str(fingerprint)
+        peft = meta.get("peft")
+        if peft:  # the version holds the adapter only; say what it needs to run
+            base = peft.get("base") or {}
+            tags[TAG_PEFT] = f"{peft.get('method', 'lora')} r={peft.get('r')}"
+            tags[TAG_BASE_MODEL] = str(base.get("name")) + (f"@{base['revision']}" if base.get("revision") else "")
+            tags[TAG_BASE_FINGERPRINT] = str(base.get("fingerprint"))
         if eval_run_id:
             tags[TAG_EVAL_RUN] = eval_run_id
         mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)

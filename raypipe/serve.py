@@ -93,8 +93,15 @@ class ModelSpec(BaseModel):
     )
 
 
-def _count_texts(requests: list[list[Any]]) -> int:
-    return sum(len(texts) for texts in requests)
+def _count_texts(requests: list[Any]) -> int:
+    return sum(len(item[0]) for item in requests)
+
+
+def adapter_id(uri: str) -> str:
+    """The name a request uses for a served model: ``models:/bbc/2`` -> ``bbc/2``, a dir -> its name."""
+    if uri.startswith("models:/"):
+        return uri.removeprefix("models:/")
+    return Path(uri).name
 
 
 class ModelService:
@@ -114,6 +121,11 @@ class ModelService:
         self._swap_lock = asyncio.Lock()
         self._last_ok = 0.0
         self._metrics = _replica_metrics()
+        # Multiplexed LoRA adapters on the served model's base (serve.adapters).
+        self._adapter_uris = {adapter_id(u): u for u in self.cfg.adapters}
+        self._model_lock = threading.Lock()  # one forward pass (and adapter switch) at a time
+        self._adapter_seq = 0
+        self._multiplexed: Any = None
         # The decorator's numbers are placeholders; the config decides.
         self._predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -128,7 +140,8 @@ class ModelService:
         # Built per replica after __init__, so the routes close over this replica's slot and
         # batcher instead of a module-level app shared by every deployment in the process.
         return create_app(self.slot, self.cfg, predict_fn=self.predict, stats=self.stats,
-                          serving_info=self.serving_info)
+                          serving_info=self.serving_info,
+                          adapter_fn=self.adapter if self._adapter_uris else None)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the model ``user_config`` names (if it changed) and swap it in when warm."""
@@ -142,6 +155,7 @@ class ModelService:
             predictor = await asyncio.to_thread(self._load, spec)
             self.slot.install(predictor, source=spec.model_uri, warm=False)
             self.spec = spec
+            self._multiplexed = None  # adapters loaded onto the old base reload onto the new one
             logger.info("raypipe: serving %s (was %s), loaded and warmed up in %.1f s",
                         spec.model_uri, previous, time.perf_counter() - start)
 
@@ -157,39 +171,111 @@ class ModelService:
 
     # --- prediction --------------------------------------------------------------------
 
-    async def predict(self, texts: list[Any]) -> tuple[list[dict[str, Any]], Any]:
-        """The app's predict_fn: through the batcher, unless the request is a batch by itself."""
+    async def predict(self, texts: list[Any], adapter: Any = None) -> tuple[list[dict[str, Any]], Any]:
+        """The app's predict_fn: through the batcher, unless the request is a batch by itself.
+        ``adapter``: the Predictor of a multiplexed adapter the request chose."""
         if len(texts) > self.cfg.max_batch_size:
             # serve.batch rejects an item larger than a whole batch; such a request already
             # fills one, so it runs alone (still on the single inference thread).
-            return (await self._run([texts]))[0]
-        return await self._predict_batch(texts)
+            return (await self._run([(texts, adapter)]))[0]
+        return await self._predict_batch((texts, adapter))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_count_texts)
-    async def _predict_batch(self, requests: list[list[Any]]) -> list[tuple[list[dict[str, Any]], Any]]:
+    async def _predict_batch(self, requests: list[tuple[list[Any], Any]]) -> list[tuple[list[dict[str, Any]], Any]]:
         return await self._run(requests)
 
-    async def _run(self, requests: list[list[Any]]) -> list[tuple[list[dict[str, Any]], Any]]:
-        predictor = self.slot()  # one model for the whole batch, even if a swap lands meanwhile
-        if predictor is None:
+    async def _run(self, requests: list[tuple[list[Any], Any]]) -> list[tuple[list[dict[str, Any]], Any]]:
+        default = self.slot()  # one model for the whole batch, even if a swap lands meanwhile
+        if default is None and any(adapter is None for _, adapter in requests):
             raise ApiError(503, "the model is not loaded yet; retry shortly",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        flat = [t for texts in requests for t in texts]
-        start = time.perf_counter()
-        preds = await asyncio.get_running_loop().run_in_executor(
-            self._infer, predictor.predict, flat
-        )
-        elapsed = time.perf_counter() - start
-        self._last_ok = time.monotonic()
-        self.stats.record(len(flat), len(requests), elapsed)
-        if self._metrics is not None:
-            self._metrics[0].observe(len(flat))
-            self._metrics[1].observe(elapsed)
-        out, i = [], 0
-        for texts in requests:
-            out.append((preds[i : i + len(texts)], predictor))
-            i += len(texts)
+        # One forward pass per adapter: requests for different adapters in one batch window
+        # (Serve splits by header; a body's `model` field can mix them) are grouped here.
+        groups: dict[int, tuple[Any, list[int]]] = {}
+        for i, (_, adapter) in enumerate(requests):
+            predictor = adapter or default
+            groups.setdefault(id(predictor), (predictor, []))[1].append(i)
+        out: list[Any] = [None] * len(requests)
+        loop = asyncio.get_running_loop()
+        for predictor, members in groups.values():
+            flat = [t for i in members for t in requests[i][0]]
+            start = time.perf_counter()
+            preds = await loop.run_in_executor(self._infer, predictor.predict, flat)
+            elapsed = time.perf_counter() - start
+            self._last_ok = time.monotonic()
+            self.stats.record(len(flat), len(members), elapsed)
+            if self._metrics is not None:
+                self._metrics[0].observe(len(flat))
+                self._metrics[1].observe(elapsed)
+            k = 0
+            for i in members:
+                n = len(requests[i][0])
+                out[i] = (preds[k : k + n], predictor)
+                k += n
         return out
+
+    # --- multiplexed adapters ------------------------------------------------------------
+
+    def _served_ids(self) -> list[str]:
+        predictor = self.slot()
+        own = [adapter_id(self.spec.model_uri)] if self.spec else []
+        if predictor is not None and predictor.meta.get("model_name") and predictor.meta.get("model_version"):
+            own = [f"{predictor.meta['model_name']}/{predictor.meta['model_version']}", *own]
+        return list(dict.fromkeys([*own, *self._adapter_uris]))
+
+    async def adapter(self, model_id: str) -> Any:
+        """The Predictor for ``model_id`` (a served adapter, or the deployment's own model)."""
+        name = model_id.removeprefix("models:/")
+        default = self.slot()
+        if default is None:
+            raise ApiError(503, "the model is not loaded yet; retry shortly",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        own = [i for i in self._served_ids() if i not in self._adapter_uris]
+        if name in own:
+            return default
+        if name not in self._adapter_uris:
+            raise ApiError(404, f"model '{model_id}' is not served here",
+                           [f"served: {', '.join(self._served_ids())}"])
+        if self._multiplexed is None:
+            # Created on first use and again after a swap (adapters sit on the old base then):
+            # Serve's LRU of `max_adapters_per_replica`, and the model ids it reports for routing.
+            async def load(key: str) -> Any:
+                return await asyncio.get_running_loop().run_in_executor(self._infer, self._attach, key, default)
+
+            self._multiplexed = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters_per_replica)(load)
+        loaded = await self._multiplexed(name)
+        return loaded.predictor
+
+    def _attach(self, name: str, base: Any) -> Any:
+        """Load adapter ``name`` onto the served model (on the inference thread)."""
+        from transformers import AutoTokenizer
+
+        from raypipe import adapters
+        from raypipe.model import read_meta
+        from raypipe.predict import Predictor
+        from raypipe.registry import resolve
+
+        if not base.meta.get("peft"):
+            raise ApiError(409, "serve.adapters needs the served model to be a LoRA adapter too "
+                           f"(it is a fully fine-tuned {base.task.name} model)")
+        tracking = self.spec.tracking_uri if self.spec else None
+        try:
+            resolved = resolve(self._adapter_uris[name], tracking_uri=tracking)
+            meta = read_meta(resolved.path)
+            self._adapter_seq += 1
+            internal = f"raypipe_{self._adapter_seq}"
+            with self._model_lock:
+                if base.adapter is None:  # from now on the base switches adapters per forward pass
+                    base.adapter, base.lock = "default", self._model_lock
+                adapters.attach(base.model, resolved.path, meta, internal, like=base.meta)
+                base.model.set_adapter(base.adapter)
+            tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        except RaypipeError as exc:
+            raise ApiError(409, f"adapter '{name}' cannot be served with this model: {exc}") from None
+        meta = {**meta, "path": resolved.path, **resolved.as_meta()}
+        predictor = Predictor(base.model, tokenizer, meta, device=base.device, adapter=internal, lock=self._model_lock)
+        logger.info("raypipe: adapter %s loaded onto %s", name, self.spec.model_uri if self.spec else "?")
+        return _LoadedAdapter(predictor)
 
     def serving_info(self) -> dict[str, Any]:
         predictor = self.slot()
@@ -198,6 +284,7 @@ class ModelService:
             "device": getattr(predictor, "device", None),
             "model_uri": self.spec.model_uri if self.spec else None,
             "revision": self.spec.revision if self.spec else None,
+            "adapters": list(self._adapter_uris),
             "max_batch_size": self.cfg.max_batch_size,
             "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
         }
@@ -209,6 +296,25 @@ class ModelService:
         predictor = load_predictor(spec.model_uri, tracking_uri=spec.tracking_uri)
         warm_up(predictor)
         return predictor
+
+
+class _LoadedAdapter:
+    """What Serve's multiplexing LRU holds; evicting it removes the adapter from the shared model."""
+
+    def __init__(self, predictor: Any):
+        self.predictor = predictor
+
+    def __del__(self) -> None:
+        p = getattr(self, "predictor", None)
+        if p is None:
+            return
+        self.predictor = None
+        try:
+            with p.lock:
+                if p.adapter in getattr(p.model, "peft_config", {}):
+                    p.model.delete_adapter(p.adapter)
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            logger.debug("raypipe: removing adapter %s failed", p.adapter, exc_info=True)
 
 
 def _replica_metrics() -> tuple[Any, Any] | None:

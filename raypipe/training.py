@@ -144,6 +144,9 @@ def run(
     # Everything that can be checked without Ray is checked first.
     cfg = cfg.with_absolute_paths()  # the workers do not share this process's directory
     resolve_model_source(cfg.model.name)
+    from raypipe.model import check_peft
+
+    check_peft(cfg.model, cfg.task)  # model.peft against the architecture
     if splits is None:
         splits = load_splits(cfg.data, cfg.task)
         for note in splits.notes:

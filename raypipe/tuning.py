@@ -182,6 +182,9 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
 
     cfg = cfg.with_absolute_paths()  # trials run in directories of their own
     resolve_model_source(cfg.model.name)
+    from raypipe.model import check_peft
+
+    check_peft(cfg.model, cfg.task)  # model.peft against the architecture
     if splits is None:
         splits = load_splits(cfg.data, cfg.task)
         print(f"[raypipe] data: {splits.summary()}")

@@ -80,7 +80,7 @@ def test_reconfigure_loads_the_new_model_while_the_old_one_keeps_answering(tiny_
             nonlocal during_swap
             while not done.is_set():
                 try:
-                    [(preds, used)] = await svc._run([["goal match", "chip code"]])
+                    [(preds, used)] = await svc._run([(["goal match", "chip code"], None)])
                     assert len(preds) == 2 and set(preds[0]["probabilities"]) == set(used.labels)
                     seen.append(used.meta["path"])
                     during_swap += swapping.is_set()
