@@ -114,6 +114,15 @@ def resolve_targets(model: Any, requested: Any) -> list[str]:
     return list(requested)
 
 
+def check_modules_to_save(model: Any, wanted: list[str]) -> None:
+    """Every ``model.peft.modules_to_save`` name must match a module of ``model``."""
+    names = {n for n, _ in model.named_modules() if n}
+    unknown = [m for m in wanted if not any(_matches(n, m) for n in names)]
+    if unknown:
+        raise ConfigError(f"model.peft.modules_to_save: {', '.join(map(repr, unknown))} not in this "
+                          f"{type(model).__name__} (top-level modules: {', '.join(dict(model.named_children()))})")
+
+
 def fresh_modules(model: Any, loading_info: dict[str, Any] | None) -> list[str]:
     """Modules whose weights the base did not provide (missing or resized on load): the task
     head and e.g. a pooler the base was saved without. They must train in full."""
@@ -151,11 +160,7 @@ def wrap(model: Any, peft_cfg: Any, model_cfg: Any, loading_info: dict[str, Any]
 
     targets = resolve_targets(model, peft_cfg.target_modules)
     fresh = fresh_modules(model, loading_info)
-    names = {n for n, _ in model.named_modules() if n}
-    unknown = [m for m in peft_cfg.modules_to_save if not any(_matches(n, m) for n in names)]
-    if unknown:
-        raise ConfigError(f"model.peft.modules_to_save: {', '.join(map(repr, unknown))} not in this "
-                          f"{type(model).__name__} (top-level modules: {', '.join(dict(model.named_children()))})")
+    check_modules_to_save(model, peft_cfg.modules_to_save)
     fingerprint = base_fingerprint(model, fresh)
     save = sorted(set(fresh) | set(peft_cfg.modules_to_save))
     config = LoraConfig(

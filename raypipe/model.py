@@ -137,11 +137,7 @@ def check_peft(model_cfg: Any, task: str | None) -> None:
     with torch.device("meta"):
         skeleton = auto_class(task).from_config(config, trust_remote_code=model_cfg.trust_remote_code)
     adapters.resolve_targets(skeleton, model_cfg.peft.target_modules)
-    names = {n for n, _ in skeleton.named_modules() if n}
-    unknown = [m for m in model_cfg.peft.modules_to_save if not any(adapters._matches(n, m) for n in names)]
-    if unknown:
-        raise ConfigError(f"model.peft.modules_to_save: {', '.join(map(repr, unknown))} not in this "
-                          f"{type(skeleton).__name__} (top-level modules: {', '.join(dict(skeleton.named_children()))})")
+    adapters.check_modules_to_save(skeleton, model_cfg.peft.modules_to_save)
 
 
 def restore(model: Any, path: str | os.PathLike[str], task: str | None) -> Any:
