@@ -125,6 +125,12 @@ class ModelService:
         self._adapter_uris = {adapter_id(u): u for u in self.cfg.adapters}
         self._model_lock = threading.Lock()  # one forward pass (and adapter switch) at a time
         self._adapter_seq = 0
+        # Adapters Serve's LRU evicted are deleted from the model only once no request that
+        # already holds one is still waiting for its forward pass (refcounts under _refs_lock:
+        # Serve calls the eviction hook on a worker thread).
+        self._refs_lock = threading.Lock()
+        self._in_use: dict[str, int] = {}
+        self._evicted: dict[str, Any] = {}
         self._multiplexed: Any = None
         # The decorator's numbers are placeholders; the config decides.
         self._predict_batch.set_max_batch_size(self.cfg.max_batch_size)
@@ -174,11 +180,15 @@ class ModelService:
     async def predict(self, texts: list[Any], adapter: Any = None) -> tuple[list[dict[str, Any]], Any]:
         """The app's predict_fn: through the batcher, unless the request is a batch by itself.
         ``adapter``: the Predictor of a multiplexed adapter the request chose."""
-        if len(texts) > self.cfg.max_batch_size:
-            # serve.batch rejects an item larger than a whole batch; such a request already
-            # fills one, so it runs alone (still on the single inference thread).
-            return (await self._run([(texts, adapter)]))[0]
-        return await self._predict_batch((texts, adapter))
+        held = self._hold(adapter)  # before the first await: eviction can't slip in between
+        try:
+            if len(texts) > self.cfg.max_batch_size:
+                # serve.batch rejects an item larger than a whole batch; such a request already
+                # fills one, so it runs alone (still on the single inference thread).
+                return (await self._run([(texts, adapter)]))[0]
+            return await self._predict_batch((texts, adapter))
+        finally:
+            self._release(held)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_count_texts)
     async def _predict_batch(self, requests: list[tuple[list[Any], Any]]) -> list[tuple[list[dict[str, Any]], Any]]:
@@ -243,8 +253,47 @@ class ModelService:
                 return await asyncio.get_running_loop().run_in_executor(self._infer, self._attach, key, default)
 
             self._multiplexed = serve.multiplexed(max_num_models_per_replica=self.cfg.max_adapters_per_replica)(load)
-        loaded = await self._multiplexed(name)
-        return loaded.predictor
+        while True:
+            loaded = await self._multiplexed(name)
+            if not loaded.evicted:  # (evicted while this request waited for the LRU: reload)
+                return loaded.predictor
+
+    def _hold(self, predictor: Any) -> str | None:
+        name = getattr(predictor, "adapter", None)
+        if predictor is None or name in (None, "default"):
+            return None
+        with self._refs_lock:
+            self._in_use[name] = self._in_use.get(name, 0) + 1
+        return name
+
+    def _release(self, name: str | None) -> None:
+        if name is None:
+            return
+        with self._refs_lock:
+            self._in_use[name] -= 1
+            if self._in_use[name]:
+                return
+            del self._in_use[name]
+            predictor = self._evicted.pop(name, None)
+        if predictor is not None:
+            self._infer.submit(self._delete_adapter, predictor)
+
+    def _evict(self, predictor: Any) -> None:
+        """Serve's LRU dropped this adapter: delete it now, or when its last request is done."""
+        with self._refs_lock:
+            if self._in_use.get(predictor.adapter):
+                self._evicted[predictor.adapter] = predictor
+                return
+        # On the inference thread: after every forward pass already queued there.
+        self._infer.submit(self._delete_adapter, predictor)
+
+    def _delete_adapter(self, predictor: Any) -> None:
+        try:
+            with self._model_lock:
+                if predictor.adapter in getattr(predictor.model, "peft_config", {}):
+                    predictor.model.delete_adapter(predictor.adapter)
+        except Exception:  # noqa: BLE001 - a failed cleanup must not take the replica down
+            logger.warning("raypipe: removing adapter %s failed", predictor.adapter, exc_info=True)
 
     def _attach(self, name: str, base: Any) -> Any:
         """Load adapter ``name`` onto the served model (on the inference thread)."""
@@ -275,7 +324,7 @@ class ModelService:
         meta = {**meta, "path": resolved.path, **resolved.as_meta()}
         predictor = Predictor(base.model, tokenizer, meta, device=base.device, adapter=internal, lock=self._model_lock)
         logger.info("raypipe: adapter %s loaded onto %s", name, self.spec.model_uri if self.spec else "?")
-        return _LoadedAdapter(predictor)
+        return _LoadedAdapter(predictor, self._evict)
 
     def serving_info(self) -> dict[str, Any]:
         predictor = self.slot()
@@ -299,22 +348,22 @@ class ModelService:
 
 
 class _LoadedAdapter:
-    """What Serve's multiplexing LRU holds; evicting it removes the adapter from the shared model."""
+    """What Serve's multiplexing LRU holds. Serve calls ``__del__`` when the LRU evicts it (on a
+    worker thread), and Python may call it again later: only the first call counts."""
 
-    def __init__(self, predictor: Any):
+    def __init__(self, predictor: Any, on_evict: Callable[[Any], None]):
         self.predictor = predictor
+        self.evicted = False
+        self._on_evict = on_evict
 
     def __del__(self) -> None:
-        p = getattr(self, "predictor", None)
-        if p is None:
+        if getattr(self, "evicted", True):
             return
-        self.predictor = None
+        self.evicted = True
         try:
-            with p.lock:
-                if p.adapter in getattr(p.model, "peft_config", {}):
-                    p.model.delete_adapter(p.adapter)
-        except Exception:  # noqa: BLE001 - never raise from a finaliser
-            logger.debug("raypipe: removing adapter %s failed", p.adapter, exc_info=True)
+            self._on_evict(self.predictor)
+        except Exception:  # noqa: BLE001 - never raise from a finaliser (e.g. replica shutting down)
+            logger.debug("raypipe: removing adapter %s failed", self.predictor.adapter, exc_info=True)
 
 
 def _replica_metrics() -> tuple[Any, Any] | None:
@@ -418,16 +467,23 @@ def deployment_options(s: ServeConfig, spec: ModelSpec) -> dict[str, Any]:
     return opts
 
 
+def _replica_settings(cfg: RaypipeConfig, uri: str, tracking_uri: str | None) -> tuple[dict[str, Any], str | None]:
+    """``cfg.serve`` as the replicas get it (adapter dirs absolute: a replica's cwd differs) and
+    the tracking URI, resolved here whenever the model or one of its adapters is a models:/ URI."""
+    settings = cfg.serve.model_dump(mode="json")
+    settings["adapters"] = [_normalise_uri(a) for a in cfg.serve.adapters]
+    if tracking_uri is None and any(u.startswith("models:/") for u in [uri, *settings["adapters"]]):
+        tracking_uri = cfg.resolved_tracking_uri
+    return settings, tracking_uri
+
+
 def build_app(cfg: RaypipeConfig, model_uri: str, *, tracking_uri: str | None = None,
               revision: str | None = None) -> Any:
     """The Serve application (``RaypipeModel.bind(...)``) for ``model_uri`` under ``cfg.serve``."""
     uri = _normalise_uri(model_uri)
-    if tracking_uri is None and uri.startswith("models:/"):
-        tracking_uri = cfg.resolved_tracking_uri  # resolved here: the replica's cwd differs
+    settings, tracking_uri = _replica_settings(cfg, uri, tracking_uri)
     spec = ModelSpec(model_uri=uri, tracking_uri=tracking_uri, revision=revision)
-    return RaypipeModel.options(**deployment_options(cfg.serve, spec)).bind(
-        cfg.serve.model_dump(mode="json")
-    )
+    return RaypipeModel.options(**deployment_options(cfg.serve, spec)).bind(settings)
 
 
 class AppArgs(BaseModel):
@@ -565,7 +621,8 @@ def deploy(cfg: RaypipeConfig, model_uri: str | None = None, blocking: bool = Fa
     model_uri = model_uri or s.model_uri
     if not model_uri:
         raise ConfigError("no model to serve: pass a models:/ URI or checkpoint dir, or set serve.model_uri")
-    _check_source(_normalise_uri(model_uri))
+    for source in [model_uri, *s.adapters]:
+        _check_source(_normalise_uri(source))
     token = resolve_token(s)  # fail here, not in every replica, when the variable is unset
     start = time.perf_counter()
     from raypipe.runtime import ensure_ray
@@ -642,7 +699,7 @@ def serve_config_doc(cfg: RaypipeConfig, model_uri: str) -> dict[str, Any]:
     """A Serve config (for ``serve deploy``/``serve run``) equivalent to ``deploy(cfg, uri)``."""
     s = cfg.serve
     uri = _normalise_uri(model_uri)
-    tracking = cfg.resolved_tracking_uri if uri.startswith("models:/") else None
+    settings, tracking = _replica_settings(cfg, uri, None)
     spec = ModelSpec(model_uri=uri, tracking_uri=tracking, revision="1")
     return {
         "http_options": {"host": s.host, "port": s.port},
@@ -655,8 +712,8 @@ def serve_config_doc(cfg: RaypipeConfig, model_uri: str) -> dict[str, Any]:
                     "model_uri": uri,
                     "tracking_uri": tracking,
                     # host/port/app/prefix are set above, where Serve reads them
-                    "serve": s.model_dump(mode="json", exclude={
-                        "model_uri", "host", "port", "app_name", "route_prefix"}),
+                    "serve": {k: v for k, v in settings.items() if k not in {
+                        "model_uri", "host", "port", "app_name", "route_prefix"}},
                 },
                 "deployments": [{"name": DEPLOYMENT_NAME, "user_config": spec.model_dump(mode="json")}],
             }

@@ -277,8 +277,8 @@ def test_a_bad_row_mid_file_fails_the_job_with_its_file_and_row_and_writes_nothi
 def test_raypipe_predict_scores_a_registered_model_over_csv_files_with_name_and_version(
     ray_local, tmp_path, tiny_checkpoint
 ):
-    """The CLI in its own process (its own Ray), a models:/ URI, a glob of two TSV files without
-    a header, and a token-classification model on JSONL word lists through the library."""
+    """The CLI in its own process (a second driver on the session's Ray, as `raypipe predict`
+    against a running cluster), a models:/ URI, a glob of two TSV files without a header."""
     import csv
 
     from raypipe.config import RaypipeConfig
@@ -299,7 +299,7 @@ def test_raypipe_predict_scores_a_registered_model_over_csv_files_with_name_and_
     proc = subprocess.run(
         [sys.executable, "-m", "raypipe.cli", "predict", "--model", f"models:/batch-tiny/{reg.version}",
          "--input", str(tmp_path / "part*.tsv"), "--output", str(out), "--text-column", "body",
-         "-c", str(config), "ray.address=local"],
+         "-c", str(config), f"ray.address={ray_local.get_runtime_context().gcs_address}"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))

@@ -64,7 +64,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, tiny_model_dir, toy_cs
     _parameters_cell(nb).source = "\n".join([
         f"CONFIG = {str(config)!r}",
         "OVERRIDES = []",
-        "TUNE_OVERRIDES = ['tune.num_samples=2', 'scaling.num_workers=1']",  # a trial needs a real worker
+        "TUNE_OVERRIDES = ['tune.num_samples=1', 'scaling.num_workers=1']",  # one trial on a real worker
         f"SERVE_PORT = {_free_port()}",
     ])
     NotebookClient(
@@ -89,6 +89,6 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, tiny_model_dir, toy_cs
     stages = {r.data.tags.get("raypipe.stage") for r in runs}
     assert {"train", "evaluate", "trial"} <= stages
     trials = [r for r in runs if r.data.tags.get("raypipe.stage") == "trial"]
-    assert len(trials) == 2 and all("val_macro_f1" in r.data.metrics for r in trials)  # the sweep really ran
+    assert len(trials) == 1 and "val_macro_f1" in trials[0].data.metrics  # the sweep really ran
     champion = client.get_model_version_by_alias("nb-tiny", "champion")
     assert int(champion.version) >= 1
