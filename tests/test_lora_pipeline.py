@@ -1,4 +1,4 @@
-"""`raypipe run` with LoRA on a real local Ray: the registered version holds the adapter only,
+"""`raypipe run` with LoRA on a real local Ray with two DDP workers: the registered version holds the adapter only,
 its tags name the base, and MLflow's own pyfunc loader predicts with it."""
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def test_raypipe_run_with_lora_registers_an_adapter_that_pyfunc_loads(ray_local,
         "data": {"path": str(toy_csv), "max_length": 32},
         "model": {"name": str(tiny_model_dir), "peft": {"r": 8, "alpha": 16}},
         "train": {"epochs": 6, "batch_size": 16, "lr": 1e-2, "warmup_ratio": 0.0},
-        "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5},
+        # Two DDP workers: LoRA freezes most weights, which DDP must leave out of its all-reduce.
+        "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 0.5},
         "registry": {"model_name": "e2e-lora", "alias": "champion"},
     }))
     assert cli(["run", str(cfg_path), "--no-serve"]) == 0, capsys.readouterr()

@@ -36,11 +36,14 @@ KILL_AT_STEP = 5  # of 18 steps per epoch (288 training rows, 2 workers, batch 8
 EPOCHS = 4
 
 
-def _cfg(tiny_config, tmp: Path, name: str):
+def _cfg(tiny_config, tmp: Path, name: str, lora: bool = False):
     tree = tiny_config.model_dump(mode="json")
     tree["workdir"] = str(tmp / name)
     tree["scaling"].update(num_workers=2, max_failures=1)
     tree["train"].update(epochs=EPOCHS, batch_size=8, keep_checkpoints=1)
+    if lora:
+        tree["model"]["peft"] = {"r": 8, "alpha": 16}
+        tree["train"]["lr"] = 1e-2
     return config_from_dict(tree)
 
 
@@ -171,6 +174,33 @@ def test_sigkill_of_a_worker_mid_epoch_resumes_from_the_checkpoint_into_one_fini
     assert abs(acc[EPOCHS] - base_acc[EPOCHS]) <= 0.01 + 1e-9, (acc, base_acc)
     assert acc[EPOCHS] >= 0.9, acc  # and the run really learned (chance is 1/3)
     assert abs(loss - base_loss) <= 0.01, (loss, base_loss)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_with_lora_resumes_the_adapter_and_matches_the_uninterrupted_run(
+    ray_local, tiny_config, tmp_path, capfd
+):
+    """The same kill with ``model.peft`` on: the restarted group loads the epoch-1 adapter (and
+    head) onto the base, not a full model, and ends where the run without the kill ends."""
+    from raypipe.training import run
+
+    cfg = _cfg(tiny_config, tmp_path, "lora-killed", lora=True)
+    kill = Kill(cfg, tmp_path, "lora-killed-run")
+    result = kill.run()
+    kill.check_killed_mid_epoch_2()
+    restarts = kill.restarts()
+    assert sorted(e["rank"] for e in restarts) == [0, 1] and all(e["resumed"] and e["epoch"] == 1 for e in restarts)
+    assert "resumed from the checkpoint of epoch 1" in capfd.readouterr().out
+    _check_one_finished_run(cfg, result)
+    assert (Path(result.best_checkpoint) / "adapter_model.safetensors").is_file()
+    base = run(_cfg(tiny_config, tmp_path, "lora-baseline", lora=True))
+    loss, base_loss = result.history[-1]["val_loss"], base.history[-1]["val_loss"]
+    print("\nRELIABILITY worker-kill-lora", json.dumps({
+        "final_val_loss": loss, "baseline_final_val_loss": base_loss,
+        "val_accuracy": result.history[-1]["val_accuracy"], "baseline_val_accuracy": base.history[-1]["val_accuracy"],
+        "wall_s": round(kill.wall_s, 1)}))
+    assert abs(loss - base_loss) <= 0.01, (loss, base_loss)
+    assert abs(result.history[-1]["val_accuracy"] - base.history[-1]["val_accuracy"]) <= 0.01 + 1e-9
 
 
 @pytest.mark.slow
