@@ -95,6 +95,11 @@ class DataConfig(_Section):
     split_seed: int = 42
     max_length: int = Field(128, gt=0, le=8192, description="Tokens per text; longer is truncated.")
     max_samples: int | None = Field(None, gt=0, description="Subsample the training source.")
+    dedupe: Literal["none", "within", "across"] = Field(
+        "none", description="Duplicate examples (case and whitespace ignored): `none` only reports "
+        "them, `within` drops repeats inside each split, `across` also drops validation and test "
+        "examples that occur in training (and test ones that occur in validation).",
+    )
     encoding_errors: Literal["strict", "replace"] = Field(
         "replace",
         description="Undecodable bytes in text files: 'replace' substitutes U+FFFD and counts them, "

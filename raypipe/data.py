@@ -76,6 +76,7 @@ class Splits:
     fingerprint: str
     task: str = tasks.DEFAULT_TASK
     notes: list[str] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)  # check_duplicates' counts
 
     @property
     def labels(self) -> list[str]:
@@ -607,6 +608,8 @@ def load_splits(cfg: Any, task: str | None = None) -> Splits:
         val = parts.pop(0)
     if test is None:
         test = parts.pop(0)
+    train, val, test, checks = check_duplicates(train, val, test, t, cfg.dedupe)
+    notes += duplicate_notes(checks, cfg.dedupe)
     schema = t.schema(train, cfg)
     t.check(val, schema, "validation", cfg.validation_path or cfg.path)
     t.check(test, schema, "test", cfg.test_path or cfg.path)
@@ -623,7 +626,81 @@ def load_splits(cfg: Any, task: str | None = None) -> Splits:
         task=t.name,
         fingerprint=fingerprint({"train": train, "val": val, "test": test}, cfg, t.name),
         notes=notes,
+        checks=checks,
     )
+
+
+def _normalised(value: Any) -> str:
+    """An example's input with case and whitespace ignored (pairs and word lists joined)."""
+    if isinstance(value, str):
+        return " ".join(value.casefold().split())
+    if isinstance(value, (tuple, list)):
+        return "\x1f".join(_normalised(v) for v in value)
+    return str(value)
+
+
+def check_duplicates(train: Any, val: Any, test: Any, task: Any, dedupe: str = "none") -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Duplicate examples within and across the splits, compared on their inputs with case and
+    whitespace ignored. With ``dedupe`` ``within`` repeats inside a split are dropped (the first
+    kept); ``across`` also drops validation/test examples that occur in training and test ones
+    that occur in validation, so no score is measured on examples the model trained on. Returns
+    the (possibly smaller) splits and the counts, which are logged with the run."""
+    frames = {"train": train, "val": val, "test": test}
+    keys = {n: _series(f, [_normalised(x) for x in task.inputs_of(f)]) for n, f in frames.items()}
+    checks: dict[str, Any] = {
+        "rows": {n: len(f) for n, f in frames.items()},
+        "empty": {n: int((k == "").sum()) for n, k in keys.items()},
+        "duplicates_within": {n: int(k.duplicated().sum()) for n, k in keys.items()},
+        "val_in_train": int(keys["val"].isin(set(keys["train"])).sum()),
+        "test_in_train": int(keys["test"].isin(set(keys["train"])).sum()),
+        "test_in_val": int(keys["test"].isin(set(keys["val"])).sum()),
+        "dedupe": dedupe,
+        "removed": {"train": 0, "val": 0, "test": 0},
+    }
+    if dedupe == "none":
+        return train, val, test, checks
+    drop = {n: k.duplicated() for n, k in keys.items()}
+    if dedupe == "across":
+        seen_train = set(keys["train"])
+        drop["val"] |= keys["val"].isin(seen_train)
+        drop["test"] |= keys["test"].isin(seen_train | set(keys["val"][~drop["val"]]))
+    out = {}
+    for n, f in frames.items():
+        out[n] = f[~drop[n].to_numpy()].reset_index(drop=True)
+        checks["removed"][n] = int(drop[n].sum())
+    return out["train"], out["val"], out["test"], checks
+
+
+def _series(frame: Any, values: list[str]) -> Any:
+    import pandas as pd
+
+    return pd.Series(values, index=range(len(values)), dtype="object")
+
+
+def duplicate_notes(checks: dict[str, Any], dedupe: str) -> list[str]:
+    """The data-check lines for the console (only what is worth a look)."""
+    notes = []
+    rows, removed = checks["rows"], checks["removed"]
+    overlap = checks["test_in_train"]
+    if dedupe == "across" and (removed["val"] or removed["test"] or removed["train"]):
+        notes.append(f"data check: dropped {removed['train']} repeated train, {removed['val']} val and "
+                     f"{removed['test']} test examples (data.dedupe: across; case and whitespace ignored)")
+    elif dedupe == "within" and sum(removed.values()):
+        notes.append(f"data check: dropped {removed['train']} / {removed['val']} / {removed['test']} repeated "
+                     "train / val / test examples (data.dedupe: within)")
+    if overlap and dedupe != "across":
+        share = overlap / max(rows["test"], 1)
+        notes.append(f"data check: WARNING {overlap} of {rows['test']} test examples ({share:.1%}) also occur in "
+                     "training (case and whitespace ignored), so the test score is inflated; "
+                     "data.dedupe: across drops them")
+    within = checks["duplicates_within"]
+    if dedupe == "none" and any(within.values()):
+        notes.append(f"data check: {within['train']} / {within['val']} / {within['test']} repeated examples "
+                     "within train / val / test (data.dedupe: within drops them)")
+    empty = checks["empty"]
+    if any(empty.values()):
+        notes.append(f"data check: {sum(empty.values())} example(s) have no text once whitespace is removed")
+    return notes
 
 
 def label_counts(frame: Any) -> Counter:

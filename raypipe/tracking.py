@@ -239,6 +239,12 @@ def start_training_run(cfg: Any, splits: Any, run_name: str) -> str:
     run = client.create_run(exp_id, tags=tags, run_name=cfg.tracking.run_name or run_name)
     params = safe_params(flatten(cfg.model_dump(mode="json")))
     params["data.train_size"] = str(len(splits.train))
+    checks = getattr(splits, "checks", None) or {}
+    if checks:  # the duplicate check's counts (data.dedupe decides what was dropped)
+        params["data.check.test_in_train"] = str(checks["test_in_train"])
+        params["data.check.val_in_train"] = str(checks["val_in_train"])
+        params["data.check.duplicates_within"] = json.dumps(checks["duplicates_within"], sort_keys=True)
+        params["data.check.removed"] = json.dumps(checks["removed"], sort_keys=True)
     if splits.labels:
         params["data.num_labels"] = str(len(splits.labels))
     _log_params(client, run.info.run_id, params)

@@ -509,3 +509,55 @@ def test_max_samples_gives_exactly_that_many_rows(tmp_path):
     s = load_splits(cfg(path=str(f), max_samples=1000, val_fraction=0.1, test_fraction=0.1))
     assert len(s.train) + len(s.val) + len(s.test) == 1000
     assert "subsampled to 1000 rows" in s.notes[0]
+
+
+# --- data checks: duplicates within and across splits ----------------------------------------
+
+
+def _leaky(tmp_path: Path) -> dict[str, str]:
+    """A training file with 5 repeated rows, a validation file where 2 of 12 rows are training
+    texts again and a test file where 7 of 20 are, with other case and spacing (as copied data
+    sets tend to be)."""
+    train = balanced(20)
+    train = pd.concat([train, train.iloc[:5]], ignore_index=True)
+    shout = lambda f: f.assign(text="  " + f["text"].str.upper() + " ")  # noqa: E731
+    fresh = lambda n, tag: pd.DataFrame([(f"{tag} {c} {i}", c) for i in range(7) for c in "abc"][:n],  # noqa: E731
+                                        columns=["text", "label"])
+    val = pd.concat([fresh(10, "held"), shout(train.iloc[[7, 33]])], ignore_index=True)
+    test = pd.concat([fresh(13, "unseen"), shout(train.iloc[[0, 3, 21, 30, 41, 50, 59]])], ignore_index=True)
+    return {"path": str(write_csv(tmp_path / "train.csv", train)),
+            "validation_path": str(write_csv(tmp_path / "val.csv", val)),
+            "test_path": str(write_csv(tmp_path / "test.csv", test))}
+
+
+def test_the_data_check_counts_test_examples_that_occur_in_training_and_warns(tmp_path):
+    splits = load_splits(cfg(**_leaky(tmp_path)))
+    checks = splits.checks
+    assert checks["test_in_train"] == 7 and checks["val_in_train"] == 2 and checks["test_in_val"] == 0
+    assert checks["duplicates_within"] == {"train": 5, "val": 0, "test": 0}
+    assert checks["rows"] == {"train": 65, "val": 12, "test": 20}
+    assert checks["removed"] == {"train": 0, "val": 0, "test": 0} and len(splits.test) == 20
+    warning = [n for n in splits.notes if "also occur in training" in n]
+    assert warning and "7 of 20 test examples (35.0%)" in warning[0] and "data.dedupe: across" in warning[0]
+    assert any("5 / 0 / 0 repeated examples within train / val / test" in n for n in splits.notes)
+
+
+def test_dedupe_across_drops_what_occurs_in_training_and_logs_the_counts(tmp_path):
+    files = _leaky(tmp_path)
+    splits = load_splits(cfg(**files, dedupe="across"))
+    train_keys = {" ".join(t.casefold().split()) for t in splits.train["text"]}
+    for frame in (splits.val, splits.test):
+        assert not {" ".join(t.casefold().split()) for t in frame["text"]} & train_keys
+    assert splits.checks["removed"] == {"train": 5, "val": 2, "test": 7}
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (60, 10, 13)
+    assert any("dropped 5 repeated train, 2 val and 7 test examples" in n for n in splits.notes)
+    assert not any("also occur in training" in n for n in splits.notes)
+    # The fingerprint is of what is trained and tested on: deduped data is another data set.
+    assert load_splits(cfg(**files)).fingerprint != splits.fingerprint
+
+
+def test_dedupe_within_keeps_cross_split_copies_but_not_repeats(tmp_path):
+    splits = load_splits(cfg(**_leaky(tmp_path), dedupe="within"))
+    assert splits.checks["removed"] == {"train": 5, "val": 0, "test": 0}
+    assert len(splits.test) == 20 and splits.checks["test_in_train"] == 7
+    assert not splits.train["text"].duplicated().any()

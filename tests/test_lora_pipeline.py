@@ -3,6 +3,7 @@ its tags name the base, and MLflow's own pyfunc loader predicts with it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -43,6 +44,14 @@ def test_raypipe_run_with_lora_registers_an_adapter_that_pyfunc_loads(ray_local,
     assert "adapter_model.safetensors" in names and "model.safetensors" not in names
     size = sum(p.stat().st_size for p in local.rglob("*.safetensors"))
     assert size * 20 < (tiny_model_dir / "model.safetensors").stat().st_size
+    # The data check's counts are on the training run (the toy set's random texts repeat a little).
+    from raypipe.data import load_splits
+
+    checks = load_splits(cfg.data).checks
+    train_runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                                    "tags.`raypipe.stage` = 'train'")
+    assert train_runs and train_runs[0].data.params["data.check.test_in_train"] == str(checks["test_in_train"])
+    assert json.loads(train_runs[0].data.params["data.check.removed"]) == {"train": 0, "val": 0, "test": 0}
     model = mlflow.pyfunc.load_model(f"models:/e2e-lora@champion")
     import pandas as pd
 
