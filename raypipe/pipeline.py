@@ -28,6 +28,7 @@ class PipelineResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     dashboard_url: str | None = None
+    data_checks: dict[str, Any] = field(default_factory=dict)
 
     @property
     def champion_uri(self) -> str:
@@ -41,6 +42,10 @@ class PipelineResult:
         if m:
             shown = "   ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "test_loss")
             lines.append(f"{shown}     ({self.evaluation.num_examples} held-out examples)")
+        seen = self.data_checks.get("test_in_train", 0) if self.data_checks.get("dedupe") != "across" else 0
+        if seen:
+            lines.append(f"WARNING         {seen} of {self.data_checks['rows']['test']} test examples also occur in "
+                         "training: the test score is inflated (data.dedupe: across drops them)")
         if self.tune is not None:
             t = self.tune
             lines.append(f"sweep           {t.sweep_name}: {len(t.trials)} trials, best {t.best_trial} "
@@ -91,7 +96,7 @@ def evaluate_and_register(cfg: RaypipeConfig, checkpoint: str, *, splits: Any, s
     print("[raypipe] evaluating the best checkpoint on the held-out test split")
     evaluation = evaluate(checkpoint, cfg, splits=splits)
     registration = register(checkpoint, cfg, force=force, evaluation=evaluation, source_run_id=source_run_id,
-                            fingerprint=splits.fingerprint)
+                            fingerprint=splits.fingerprint, data_checks=getattr(splits, "checks", None))
     print(registration.summary())
     return evaluation, registration
 
@@ -116,6 +121,7 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
     for note in splits.notes:
         print(f"[raypipe] data: {note}")
     print(f"[raypipe] data: {splits.summary()}")
+    out.data_checks = splits.checks
     started = ensure_ray(cfg)
     import ray
 

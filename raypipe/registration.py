@@ -34,6 +34,7 @@ def run(
     source_run_id: str | None = None,
     fingerprint: str | None = None,
     evaluation: Any = None,
+    data_checks: dict[str, Any] | None = None,
 ) -> RegisterResult:
     """Register the checkpoint dir ``path`` as a new version of ``name`` (default
     ``registry.model_name``) and run the promotion gate.
@@ -41,7 +42,8 @@ def run(
     ``metrics`` (or an :class:`~raypipe.evaluation.EvalResult` as ``evaluation``) carry the test
     metrics; without the gate's metric the checkpoint is evaluated on the config's test split.
     ``source_run_id`` (the training run) receives the model artifacts; without it a "register"
-    run is created in ``cfg.tracking.experiment``.
+    run is created in ``cfg.tracking.experiment``. ``data_checks`` (the split's duplicate
+    counts) become tags of the version.
     """
     from raypipe import __version__
     from raypipe.model import load_checkpoint
@@ -78,6 +80,7 @@ def run(
             cfg, name, model_dir,
             checkpoint=str(ckpt), meta=meta, metrics=metrics, force=force,
             source_run_id=source_run_id, fingerprint=fingerprint, eval_run_id=eval_run_id,
+            data_checks=data_checks,
         )
 
 

@@ -547,6 +547,7 @@ def add_version(
     source_run_id: str | None = None,
     fingerprint: str | None = None,
     eval_run_id: str | None = None,
+    data_checks: dict[str, Any] | None = None,
 ) -> RegisterResult:
     """Log ``model_dir`` (an MLflow model dir) to the source run (or a new "register" run),
     create a version of ``name`` from it, tag it, and run the promotion gate."""
@@ -609,6 +610,9 @@ def add_version(
             tags[TAG_BASE_FINGERPRINT] = str(base.get("fingerprint"))
         if eval_run_id:
             tags[TAG_EVAL_RUN] = eval_run_id
+        if data_checks:  # what the test score is worth: how much of the test set training saw
+            tags["raypipe.data.test_in_train"] = f"{data_checks['test_in_train']}/{data_checks['rows']['test']}"
+            tags["raypipe.data.dedupe"] = str(data_checks["dedupe"])
         mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         version = str(mv.version)
         client.set_tag(run_id, "raypipe.registered_as", f"models:/{name}/{version}")

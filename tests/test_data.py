@@ -561,3 +561,25 @@ def test_dedupe_within_keeps_cross_split_copies_but_not_repeats(tmp_path):
     assert splits.checks["removed"] == {"train": 5, "val": 0, "test": 0}
     assert len(splits.test) == 20 and splits.checks["test_in_train"] == 7
     assert not splits.train["text"].duplicated().any()
+
+
+def test_a_registered_version_and_the_pipeline_summary_say_how_much_of_the_test_set_training_saw(
+    tmp_path, tiny_checkpoint
+):
+    from mlflow.tracking import MlflowClient
+
+    from raypipe.config import config_from_dict
+    from raypipe.pipeline import PipelineResult
+    from raypipe.registration import register_checkpoint
+
+    splits = load_splits(cfg(**_leaky(tmp_path)))
+    config = config_from_dict({"workdir": str(tmp_path / "work")})
+    reg = register_checkpoint(tiny_checkpoint, config, name="leaky", metrics={"test_macro_f1": 0.5},
+                              data_checks=splits.checks)
+    uri = config.resolved_tracking_uri
+    tags = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("leaky", reg.version).tags
+    assert tags["raypipe.data.test_in_train"] == "7/20" and tags["raypipe.data.dedupe"] == "none"
+    summary = PipelineResult(cfg=config, data_checks=splits.checks).summary()
+    assert "WARNING         7 of 20 test examples also occur in training" in summary
+    clean = load_splits(cfg(**_leaky(tmp_path), dedupe="across"))
+    assert "WARNING" not in PipelineResult(cfg=config, data_checks=clean.checks).summary()
