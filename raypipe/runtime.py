@@ -23,7 +23,8 @@ def ensure_ray(cfg: Any) -> bool:
     """Use the Ray that is already initialised, else join/start one as ``cfg.ray`` says.
 
     Address resolution is Ray's own (``$RAY_ADDRESS``, then a running local cluster, then a new
-    one), so the same code works on a laptop, under ``ray job submit`` and on ``ray up`` clusters.
+    one), so the same code works on a laptop, under ``ray job submit`` and on ``ray up`` clusters,
+    except that an address nothing answers at is never joined (see the README's ``ray.address``).
     Returns True when this call connected (so the caller owns the shutdown).
     """
     import ray
@@ -35,6 +36,20 @@ def ensure_ray(cfg: Any) -> bool:
     kwargs: dict[str, Any] = {"address": cfg.ray.address, "runtime_env": {"env_vars": dict(WORKER_ENV)}}
     # address "local" always starts a new local Ray, so the options for a new one apply to it.
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address and address not in ("local", "auto") and not _answers(address):
+        where = "ray.address" if cfg.ray.address else "$RAY_ADDRESS"
+        raise ConfigError(
+            f"{where} is {address}, but no Ray cluster answers there (is it up? `ray status "
+            f"--address {address}`); set ray.address: local (or unset both) to start a local Ray"
+        )
+    if not address:
+        # Ray would join the last cluster `ray start` wrote down on this machine, even one that
+        # was killed since; it then retries a dead GCS for ever. Start a fresh local Ray instead.
+        last = _last_local_cluster()
+        if last and not _answers(last):
+            print(f"[raypipe] the Ray cluster last started on this machine ({last}) no longer answers; "
+                  "starting a new local Ray (ray.address names another one to join)")
+            kwargs["address"] = "local"
     joining = bool(address) and address != "local"
     if not joining:
         kwargs.update(
@@ -50,6 +65,31 @@ def ensure_ray(cfg: Any) -> bool:
         + (f"; dashboard http://{url}" if url else "")
     )
     return True
+
+
+def _last_local_cluster() -> str | None:
+    """The GCS address in Ray's current-cluster file (written by ``ray start``), if any."""
+    try:
+        from ray._private.utils import read_ray_address  # private; absent means: leave it to Ray
+
+        return read_ray_address()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _answers(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether something accepts a TCP connection at ``host:port`` (Ray's GCS). Addresses that
+    are not host:port (``ray://``, ``auto``) are left to Ray."""
+    import socket
+
+    if "://" in address or ":" not in address:
+        return True
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_use_gpu(cfg: Any) -> bool:
