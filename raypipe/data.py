@@ -609,7 +609,7 @@ def load_splits(cfg: Any, task: str | None = None) -> Splits:
     if test is None:
         test = parts.pop(0)
     train, val, test, checks = check_duplicates(train, val, test, t, cfg.dedupe)
-    notes += duplicate_notes(checks, cfg.dedupe)
+    notes += duplicate_notes(checks)
     schema = t.schema(train, cfg)
     t.check(val, schema, "validation", cfg.validation_path or cfg.path)
     t.check(test, schema, "test", cfg.test_path or cfg.path)
@@ -645,11 +645,12 @@ def check_duplicates(train: Any, val: Any, test: Any, task: Any, dedupe: str = "
     kept); ``across`` also drops validation/test examples that occur in training and test ones
     that occur in validation, so no score is measured on examples the model trained on. Returns
     the (possibly smaller) splits and the counts, which are logged with the run."""
+    import pandas as pd
+
     frames = {"train": train, "val": val, "test": test}
-    keys = {n: _series(f, [_normalised(x) for x in task.inputs_of(f)]) for n, f in frames.items()}
+    keys = {n: pd.Series([_normalised(x) for x in task.inputs_of(f)], dtype="object") for n, f in frames.items()}
     checks: dict[str, Any] = {
         "rows": {n: len(f) for n, f in frames.items()},
-        "empty": {n: int((k == "").sum()) for n, k in keys.items()},
         "duplicates_within": {n: int(k.duplicated().sum()) for n, k in keys.items()},
         "val_in_train": int(keys["val"].isin(set(keys["train"])).sum()),
         "test_in_train": int(keys["test"].isin(set(keys["train"])).sum()),
@@ -671,15 +672,11 @@ def check_duplicates(train: Any, val: Any, test: Any, task: Any, dedupe: str = "
     return out["train"], out["val"], out["test"], checks
 
 
-def _series(frame: Any, values: list[str]) -> Any:
-    import pandas as pd
-
-    return pd.Series(values, index=range(len(values)), dtype="object")
-
-
-def duplicate_notes(checks: dict[str, Any], dedupe: str) -> list[str]:
-    """The data-check lines for the console (only what is worth a look)."""
+def duplicate_notes(checks: dict[str, Any]) -> list[str]:
+    """The data-check lines for the console (only what is worth a look). Empty texts need no
+    line: the readers already reject them."""
     notes = []
+    dedupe = checks["dedupe"]
     rows, removed = checks["rows"], checks["removed"]
     overlap = checks["test_in_train"]
     if dedupe == "across" and (removed["val"] or removed["test"] or removed["train"]):
@@ -697,9 +694,6 @@ def duplicate_notes(checks: dict[str, Any], dedupe: str) -> list[str]:
     if dedupe == "none" and any(within.values()):
         notes.append(f"data check: {within['train']} / {within['val']} / {within['test']} repeated examples "
                      "within train / val / test (data.dedupe: within drops them)")
-    empty = checks["empty"]
-    if any(empty.values()):
-        notes.append(f"data check: {sum(empty.values())} example(s) have no text once whitespace is removed")
     return notes
 
 

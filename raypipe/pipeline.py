@@ -96,7 +96,7 @@ def evaluate_and_register(cfg: RaypipeConfig, checkpoint: str, *, splits: Any, s
     print("[raypipe] evaluating the best checkpoint on the held-out test split")
     evaluation = evaluate(checkpoint, cfg, splits=splits)
     registration = register(checkpoint, cfg, force=force, evaluation=evaluation, source_run_id=source_run_id,
-                            fingerprint=splits.fingerprint, data_checks=getattr(splits, "checks", None))
+                            fingerprint=splits.fingerprint, data_checks=splits.checks)
     print(registration.summary())
     return evaluation, registration
 

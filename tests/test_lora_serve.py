@@ -117,8 +117,8 @@ def test_each_request_is_answered_by_the_adapter_it_names(mux):
         r = _predict(mux.url, model, header=header)
         assert r.status_code == 200, (model, r.text)
         assert _same(r.json()["predictions"], mux.want[key]), (model, r.json())
-    assert _predict(mux.url, "mux-b/1").json()["model"] == {
-        "name": "mux-b", "version": "1", "run_id": _predict(mux.url, "mux-b/1").json()["model"]["run_id"]}
+    named = _predict(mux.url, "mux-b/1").json()["model"]  # the answer says which version answered
+    assert (named["name"], named["version"]) == ("mux-b", "1") and named["run_id"]
 
 
 def test_concurrent_requests_for_different_adapters_each_get_their_own_answer(mux):
@@ -137,8 +137,7 @@ def test_an_unknown_model_is_a_404_that_lists_the_served_ones(mux):
     text = r.text
     assert "lora-z" in text and "mux-b/1" in text and "lora-c" in text and "lora-a" in text
     meta = httpx.get(f"{mux.url}/metadata", timeout=30).json()
-    served = meta.get("serving") or next(v for v in meta.values() if isinstance(v, dict) and "adapters" in v)
-    assert served["adapters"] == ["mux-b/1", "lora-c"]  # the ids a request uses
+    assert meta["serving"]["adapters"] == ["mux-b/1", "lora-c"]  # the ids a request uses
 
 
 def test_an_evicted_adapter_is_deleted_only_after_the_requests_holding_it():
