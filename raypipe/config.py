@@ -95,6 +95,13 @@ class DataConfig(_Section):
     split_seed: int = 42
     max_length: int = Field(128, gt=0, le=8192, description="Tokens per text; longer is truncated.")
     max_samples: int | None = Field(None, gt=0, description="Subsample the training source.")
+    packing: bool = Field(
+        False, description="sft: pack several examples into each max_length row (attention stays "
+        "inside each example; less padding). Off: one example per row, batches grouped by length.")
+    max_new_tokens: int = Field(128, ge=1, le=8192, description="sft: tokens generated per answer by "
+                                "default (evaluation samples, predictions); stored with the model.")
+    generation_samples: int = Field(16, ge=0, description="sft: held-out prompts answered (greedy) at "
+                                    "evaluation for exact match / ROUGE-L and the MLflow table; 0: none.")
     dedupe: Literal["none", "within", "across"] = Field(
         "none", description="Duplicate examples (case and whitespace ignored): `none` only reports "
         "them, `within` drops repeats inside each split, `across` also drops validation and test "
@@ -183,7 +190,18 @@ class ModelConfig(_Section):
     revision: str | None = None
     trust_remote_code: bool = False
     peft: PeftConfig | None = Field(
-        None, description="LoRA fine-tuning (`model.peft: {r: 8}`); off (full fine-tuning) by default.")
+        None, description="LoRA fine-tuning (`model.peft: {r: 8}`); off (full fine-tuning) by default, "
+        "except for task sft, where it is on unless `model.peft: false`.")
+
+    @field_validator("peft", mode="before")
+    @classmethod
+    def _peft_switch(cls, v: Any) -> Any:
+        # `peft: false` is full fine-tuning, `peft: true` LoRA with the defaults
+        if v is False:
+            return None
+        if v is True:
+            return {}
+        return v
 
     @field_validator("name")
     @classmethod
@@ -221,6 +239,10 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="Best-k checkpoints kept, by `metric`.")
     length_grouping: bool = Field(
         True, description="Sort each shard into length buckets so batches pad less."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory, ~30% slower); "
+        "for the transformers models that support it."
     )
 
     @property
@@ -428,6 +450,9 @@ class RaypipeConfig(_Section):
                 node = {}
             if isinstance(node, dict) and key not in node:
                 data[section] = {**node, key: f"{split}_{task.default_metric}"}
+        model = data.get("model") if data.get("model") is not None else {}
+        if getattr(task, "default_peft", False) and isinstance(model, dict) and "peft" not in model:
+            data["model"] = {**model, "peft": {}}  # LoRA by default for this task (sft)
         return data
 
     @field_validator("task")
@@ -507,7 +532,9 @@ class RaypipeConfig(_Section):
 def metric_problems(cfg: RaypipeConfig) -> list[str]:
     """Every metric the config names must be one the task reports, on the right split."""
     problems = []
-    val = tasks.metric_names(cfg.task, "val")
+    task = tasks.get(cfg.task)
+    # a task may report fewer metrics per epoch than at held-out evaluation (sft: no generation)
+    val = [f"val_{m}" for m in getattr(task, "epoch_metrics", task.metrics)]
     for where, value, allowed in (
         ("train.metric", cfg.train.metric, val),
         ("tune.metric", cfg.tune.metric, val),

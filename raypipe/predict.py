@@ -65,10 +65,13 @@ class Predictor:
     def check_texts(self, texts: Sequence[Any]) -> list[Any]:  # the name callers used before pairs
         return self.check_inputs(texts)
 
-    def predict(self, inputs: Sequence[Any], top_k: int | None = None, batch_size: int = 64) -> list[dict[str, Any]]:
-        """One answer per input (a text, or an ``(a, b)`` pair for a pair model)."""
+    def predict(self, inputs: Sequence[Any], top_k: int | None = None, batch_size: int = 64,
+                **options: Any) -> list[dict[str, Any]]:
+        """One answer per input (a text, or an ``(a, b)`` pair for a pair model; a prompt or a list
+        of chat messages for an sft model, whose ``options`` may set ``max_new_tokens``)."""
         items = self.check_inputs(inputs)
-        options = {} if top_k is None else {"top_k": top_k}
+        if top_k is not None:
+            options["top_k"] = top_k
         with self._active():
             return self.task.predict(self.model, self.tokenizer, items, self.schema,
                                      max_length=self.max_length, batch_size=batch_size, **options)

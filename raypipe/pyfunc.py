@@ -97,8 +97,11 @@ def to_inputs(model_input: Any, predictor: Any) -> list[Any]:
 
     from raypipe.errors import DataError
 
+    column = getattr(predictor.task, "input_column", "text")  # sft models take a `prompt` column
     if isinstance(model_input, pd.DataFrame):
-        if "text" in model_input.columns:
+        if column != "text" and column in model_input.columns:
+            values = model_input[column].tolist()
+        elif "text" in model_input.columns:
             if predictor.pair:
                 if "text_pair" not in model_input.columns:
                     raise DataError("this model compares two texts: the DataFrame needs 'text' and 'text_pair' "
@@ -164,9 +167,12 @@ def signature(task: Any, pair: bool) -> Any:
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs) if outputs else None)
 
 
-def input_example(pair: bool) -> Any:
+def input_example(pair: bool, task: Any = None) -> Any:
     import pandas as pd
 
+    column = getattr(task, "input_column", "text")
+    if column != "text":  # sft: a prompt column
+        return pd.DataFrame({column: ["Say hello."]})
     row = {"text": ["an example text"]}
     if pair:
         row["text_pair"] = ["a second text"]
@@ -226,6 +232,6 @@ def save(checkpoint_dir: str | os.PathLike[str], path: str | os.PathLike[str], m
             pip_requirements=pip_requirements(adapter=bool(meta.get("peft"))),
             metadata=metadata,
             signature=signature(task, pair),
-            input_example=input_example(pair),
+            input_example=input_example(pair, task),
         )
     return out

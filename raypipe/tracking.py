@@ -356,6 +356,10 @@ def log_evaluation(cfg: Any, result: Any) -> str:
             params=[Param(k, v) for k, v in safe_params({k: v for k, v in params.items() if v is not None}).items()],
         )
         _log_figures(client, run_id, result.figures(), "evaluation")
+        for name, table in (result.details.get("tables") or {}).items():  # e.g. sft's generations
+            import pandas as pd
+
+            client.log_table(run_id, data=pd.DataFrame(table), artifact_file=f"evaluation/{name}")
         client.log_dict(run_id, result.to_dict(), "evaluation/report.json")
     return run_id
 

@@ -175,3 +175,28 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None)
     yield ray
     ray.shutdown()
+
+
+# Short prompt/response pairs a tiny causal LM can memorise (tests/test_sft*.py).
+SFT_PAIRS = [
+    ("What colour is the sky?", "The sky is blue."),
+    ("Name a fruit.", "An apple."),
+    ("What is two plus two?", "Four."),
+    ("Say hello.", "Hello there!"),
+    ("Which animal barks?", "A dog barks."),
+    ("What do bees make?", "Bees make honey."),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide random-init Llama with a byte-level BPE tokenizer (trained on the SFT
+    test texts) and a chat template: examples/tiny_lm.py, built offline in about a second."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_lm", Path(__file__).parent.parent / "examples" / "tiny_lm.py")
+    assert spec is not None and spec.loader is not None
+    tiny_lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_lm)
+    texts = [t for pair in SFT_PAIRS for t in pair] * 4
+    return tiny_lm.build(tmp_path_factory.mktemp("tiny-lm"), texts, vocab_size=400)

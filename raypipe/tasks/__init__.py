@@ -61,6 +61,7 @@ TASKS: dict[str, str] = {
     "multi_label": "raypipe.tasks.multi_label:MultiLabelTask",
     "regression": "raypipe.tasks.regression:RegressionTask",
     "token_classification": "raypipe.tasks.token_classification:TokenClassificationTask",
+    "sft": "raypipe.tasks.sft:SFTTask",
 }
 DEFAULT_TASK = "classification"
 
