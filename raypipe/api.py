@@ -71,6 +71,7 @@ from raypipe.config import ServeConfig
 from raypipe.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from raypipe.generation import GenerationEngine
     from raypipe.predict import Predictor
 
 logger = logging.getLogger(__name__)
@@ -487,10 +488,14 @@ class _BearerAuth:
         # compare_digest: the time taken must not reveal how much of the token matched.
         if not hmac.compare_digest(got, self.expected):
             error = "missing bearer token" if not got else "wrong bearer token"
-            response = error_response(
-                401, f"{error}: send the header 'Authorization: Bearer <token>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            message = f"{error}: send the header 'Authorization: Bearer <token>'"
+            if _route_path(scope).startswith("/v1/"):  # OpenAI clients read OpenAI's error shape
+                from raypipe.openai_api import error_body
+
+                response = JSONResponse(error_body(message, code="invalid_api_key"), status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+            else:
+                response = error_response(401, message, headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -581,6 +586,8 @@ def create_app(
     source: Callable[[], str | None] | None = None,
     loaded_at: Callable[[], float | None] | None = None,
     adapter_fn: AdapterFn | None = None,
+    generation: GenerationEngine | None = None,
+    served_ids: Callable[[], list[str]] | None = None,
 ) -> FastAPI:
     """Build the FastAPI app.
 
@@ -598,7 +605,13 @@ def create_app(
         adapter_fn: ``async (model id) -> Predictor`` of another served LoRA adapter, chosen by
             a request's ``model`` field or ``serve_multiplexed_model_id`` header; without it a
             request that names a model other than the one served gets 404.
+        generation: the :class:`~raypipe.generation.GenerationEngine` behind the OpenAI routes of
+            a language model (:mod:`raypipe.openai_api`); default: one of its own.
+        served_ids: the model ids ``GET /v1/models`` lists (default: the served model's).
     """
+    from raypipe import openai_api
+    from raypipe.generation import GenerationEngine
+
     from raypipe import __version__
 
     cfg = serve_cfg or ServeConfig()
@@ -754,6 +767,14 @@ def create_app(
                                [f"top_k: must be between 1 and {len(predictor.labels)}"])
         preds, used = await (predict_fn(req.inputs(), adapter) if adapter is not None else predict_fn(req.inputs()))
         return PredictResponse(predictions=[top_k(p, req.top_k) for p in preds], model=model_info(used))
+
+    def own_ids() -> list[str]:
+        predictor = predictor_provider()
+        return [] if predictor is None else _ids(model_info(predictor))[:1]
+
+    engine = generation or GenerationEngine(cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    openai_api.add_routes(app, predictor_provider, cfg, engine=engine, served_ids=served_ids or own_ids,
+                          adapter_fn=adapter_fn, read_body=lambda request: _read_body(request, body_limit))
 
     base_openapi = app.openapi
     cached: dict[Any, dict[str, Any]] = {}

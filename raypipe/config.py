@@ -370,6 +370,12 @@ class ServeConfig(_Section):
         4, ge=1, description="Adapters a replica keeps loaded at once (least recently used go first).")
     max_texts: int = Field(64, ge=1, description="Most texts accepted in one request.")
     max_chars: int = Field(20_000, ge=1, description="Longest text accepted, in characters.")
+    max_tokens: int = Field(
+        256, ge=1, description="Language models (OpenAI routes): most tokens generated per request, "
+        "also the default of a chat request without max_tokens.")
+    max_prompt_tokens: int = Field(
+        2048, ge=1, description="Language models (OpenAI routes): longest prompt accepted, in tokens "
+        "(after the chat template).")
     auth_token_env: str | None = Field(
         None, description="Name of the env var holding the bearer token; unset = no auth."
     )

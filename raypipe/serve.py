@@ -69,6 +69,7 @@ from raypipe.config import (
     load_config,
 )
 from raypipe.errors import ConfigError, RaypipeError
+from raypipe.generation import GenerationEngine
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,9 @@ class ModelService:
         self._in_use: dict[str, int] = {}
         self._evicted: dict[str, Any] = {}
         self._multiplexed: Any = None
+        # Language models (task: sft): the OpenAI routes' batcher, on the same inference thread.
+        self.generation = GenerationEngine(self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s,
+                                           executor=self._infer, on_batch=self._generated)
         # The decorator's numbers are placeholders; the config decides.
         self._predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -147,7 +151,16 @@ class ModelService:
         # batcher instead of a module-level app shared by every deployment in the process.
         return create_app(self.slot, self.cfg, predict_fn=self.predict, stats=self.stats,
                           serving_info=self.serving_info,
-                          adapter_fn=self.adapter if self._adapter_uris else None)
+                          adapter_fn=self.adapter if self._adapter_uris else None,
+                          generation=self.generation, served_ids=self._served_ids)
+
+    def _generated(self, requests: int, seconds: float) -> None:
+        """A generation batch finished (on the inference thread): stats, metrics, health."""
+        self._last_ok = time.monotonic()
+        self.stats.record(requests, requests, seconds)
+        if self._metrics is not None:
+            self._metrics[0].observe(requests)
+            self._metrics[1].observe(seconds)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the model ``user_config`` names (if it changed) and swap it in when warm."""
