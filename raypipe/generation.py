@@ -81,8 +81,9 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
             if text.endswith(stop[:n]):
                 hold = n
                 break
-    if text.endswith("\ufffd"):
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
+    # An unfinished UTF-8 character is at most 3 bytes, each decoded as one U+FFFD for now; more
+    # of them are bytes that are invalid for good (a model may emit those) and are shown.
+    hold = max(hold, min(3, len(text) - len(text.rstrip("\ufffd"))))
     return hold
 
 

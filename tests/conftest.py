@@ -200,3 +200,25 @@ def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec.loader.exec_module(tiny_lm)
     texts = [t for pair in SFT_PAIRS for t in pair] * 4
     return tiny_lm.build(tmp_path_factory.mktemp("tiny-lm"), texts, vocab_size=400)
+
+
+def make_sft_checkpoint(out: Path, base: Path, *, seed: int = 0, peft: bool = True, lora_scale: float = 0.5) -> Path:
+    """An untrained ``task: sft`` checkpoint on the tiny LM, made without Ray. ``seed`` sets the
+    LoRA update too (peft starts it at zero), so adapters with different seeds answer differently."""
+    import torch
+
+    from raypipe import tasks
+    from raypipe.config import config_from_dict
+    from raypipe.model import build, save_checkpoint
+
+    cfg = config_from_dict({"task": "sft", "model": {"name": str(base), "peft": peft}})
+    torch.manual_seed(seed)
+    model, tokenizer = build(cfg.model, {"max_new_tokens": 8}, "sft")
+    if peft:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, lora_scale)
+    schema = tasks.get("sft").schema(None, cfg.data)
+    return save_checkpoint(out, model, tokenizer, {"task": "sft", "schema": schema, "max_length": 64, "epoch": 1,
+                                                   "metrics": {}, "config": cfg.model_dump(mode="json")})
