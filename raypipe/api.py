@@ -774,7 +774,7 @@ def create_app(
 
     engine = generation or GenerationEngine(cfg.max_batch_size, cfg.batch_wait_timeout_s)
     openai_api.add_routes(app, predictor_provider, cfg, engine=engine, served_ids=served_ids or own_ids,
-                          adapter_fn=adapter_fn, read_body=lambda request: _read_body(request, body_limit))
+                          adapter_fn=adapter_fn, read_body=lambda request: _read_body(request, body_limit), api_error=ApiError)
 
     base_openapi = app.openapi
     cached: dict[Any, dict[str, Any]] = {}

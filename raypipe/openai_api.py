@@ -16,6 +16,9 @@ served is a causal LM (any other model: 404 saying so).
 penalties, ...) is a 400, never silently ignored. Limits: ``serve.max_tokens`` output tokens
 (also the default), ``serve.max_prompt_tokens`` prompt tokens, and prompt + output within the
 model's context. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+
+The routes are left out of ``/openapi.json``: their contract is OpenAI's published API, and the
+schema (and the fuzzing driven by it) stays the one of the raypipe routes and their error shape.
 """
 
 from __future__ import annotations
@@ -150,11 +153,13 @@ AdapterFn = Callable[[str], Awaitable["Predictor"]]
 
 def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: ServeConfig, *,
                engine: GenerationEngine, served_ids: Callable[[], list[str]],
-               adapter_fn: AdapterFn | None, read_body: Callable[[Request], Awaitable[bytes]]) -> None:
+               adapter_fn: AdapterFn | None, read_body: Callable[[Request], Awaitable[bytes]],
+               api_error: type[Any]) -> None:
     """Register the /v1 routes on ``app``. ``served_ids()`` lists the ids /v1/models shows (the
     first is the default model's); ``adapter_fn(id)`` returns the Predictor of a served LoRA
-    adapter (or raises a 404 ApiError); ``read_body`` reads the body within the size limit."""
-    from raypipe.api import ApiError
+    adapter (or raises a 404 ``api_error``, raypipe.api's ApiError, passed in to keep this module
+    free of an import cycle); ``read_body`` reads the body within the size limit."""
+    ApiError = api_error  # noqa: N806
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -227,14 +232,14 @@ def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: Serv
         return engine.stream(predictor.model, predictor.tokenizer, prompt, params,
                              activate=predictor._active if predictor.adapter is not None else None)
 
-    @app.get("/v1/models", summary="OpenAI API: the model ids requests may name")
+    @app.get("/v1/models", include_in_schema=False, summary="OpenAI API: the model ids requests may name")
     async def list_models() -> dict[str, Any]:
         predictor = current()
         created = int(predictor.meta.get("created") or 0)
         return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "raypipe"}
                                            for i in served_ids()]}
 
-    @app.post("/v1/chat/completions", summary="OpenAI API: chat completion (stream: true for SSE)")
+    @app.post("/v1/chat/completions", include_in_schema=False, summary="OpenAI API: chat completion (stream: true for SSE)")
     async def chat(request: Request) -> Any:
         from raypipe.tasks.sft import prompt_ids
 
@@ -264,7 +269,7 @@ def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: Serv
                              "logprobs": None, "finish_reason": last.finish_reason}],
                 "usage": _usage(last)}
 
-    @app.post("/v1/completions", summary="OpenAI API: text completion (stream: true for SSE)")
+    @app.post("/v1/completions", include_in_schema=False, summary="OpenAI API: text completion (stream: true for SSE)")
     async def completions(request: Request) -> Any:
         req: CompletionRequest = await parse(request, CompletionRequest)
         predictor = await choose(req.model)
