@@ -115,6 +115,17 @@ def test_bad_rows_name_file_and_row(tmp_path, row, problem):
         assert f"{tmp_path / 'rows.jsonl'}: row 2:" in str(err.value)
 
 
+def test_bad_rows_skip_drops_them_and_keeps_source_rows(tmp_path):
+    from raypipe import data
+
+    p = tmp_path / "rows.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"instruction": "a", "input": "", "output": ""}, {"instruction": "b", "input": "", "output": "B"}]))
+    cfg = config_from_dict({"task": "sft", "data": {"path": str(p), "bad_rows": "skip"}})
+    frame = data.read(str(p), cfg.data, task="sft")
+    assert list(frame["label"]) == ["B"] and list(frame["row"]) == [2]
+
+
 def test_a_prompt_that_leaves_no_room_for_the_response_is_an_error(tmp_path, tok):
     frame, path = _examples([{"prompt": "ok", "response": "fine"},
                              {"prompt": "word " * 80, "response": "fine"}], tmp_path)

@@ -54,7 +54,7 @@ def _checkpoint(tmp: Path, tiny_model_dir: Path, task: str, schema: dict) -> Pat
 
 
 def test_every_task_is_registered_with_metrics_and_directions():
-    assert tasks.names() == ["classification", "multi_label", "regression", "token_classification"]
+    assert tasks.names() == ["classification", "multi_label", "regression", "token_classification", "sft"]
     for name in tasks.names():
         t = tasks.get(name)
         assert isinstance(t, tasks.Task) and t.name == name

@@ -30,7 +30,8 @@ example and packed logits equal unpacked ones (tests/test_sft.py checks it to 1e
 Without packing, rows are padded and batches are grouped by length (``train.length_grouping``).
 
 Bad rows (no response, an unknown role, empty content, a prompt that leaves no room for any
-response token within ``max_length``) are errors naming the file and row.
+response token within ``max_length``) are errors naming the file and row; ``data.bad_rows: skip``
+drops the first three kinds with a warning instead (Alpaca has 4 records with empty outputs).
 
 Held-out evaluation also generates (greedy) answers for a fixed sample of
 ``data.generation_samples`` test prompts and scores them with exact match and ROUGE-L (LCS on
@@ -39,6 +40,7 @@ whitespace tokens, F-measure); the table (prompt, reference, generation, scores)
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -47,6 +49,8 @@ from pydantic import BaseModel, Field
 
 from raypipe.errors import DataError
 from raypipe.tasks import Scores
+
+log = logging.getLogger("raypipe.data")
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
@@ -300,16 +304,23 @@ class SFTTask:
             )
         if raw.empty:
             raise DataError(f"{where}: no rows")
-        messages, labels = [], []
+        messages, labels, rows, skipped = [], [], [], []
         for i, row in enumerate(raw.to_dict("records")):
             try:
                 turns, response = conversation_of(row, columns)
             except ValueError as exc:
-                raise DataError.at(where, [i], str(exc)) from None
+                if getattr(cfg, "bad_rows", "error") != "skip":
+                    raise DataError.at(where, [i], str(exc)) from None
+                skipped.append(f"row {i + 1}: {exc}")
+                continue
             messages.append(turns)
             labels.append(response)
-        return pd.DataFrame({"messages": messages, "label": labels, "row": range(1, len(raw) + 1),
-                             "source": [where] * len(raw)})
+            rows.append(i + 1)
+        if skipped:
+            log.warning("%s: skipped %d bad row(s) (data.bad_rows: skip), e.g. %s", where, len(skipped), skipped[0])
+        if not rows:
+            raise DataError(f"{where}: no usable rows")
+        return pd.DataFrame({"messages": messages, "label": labels, "row": rows, "source": [where] * len(rows)})
 
     def schema(self, train: Any, cfg: Any) -> dict[str, Any]:
         return {"inputs": "chat", "packing": bool(cfg.packing), "max_new_tokens": int(cfg.max_new_tokens),
