@@ -588,6 +588,8 @@ def create_app(
     adapter_fn: AdapterFn | None = None,
     generation: GenerationEngine | None = None,
     served_ids: Callable[[], list[str]] | None = None,
+    hold: Callable[[Predictor], Any] | None = None,
+    release: Callable[[Any], None] | None = None,
 ) -> FastAPI:
     """Build the FastAPI app.
 
@@ -608,6 +610,7 @@ def create_app(
         generation: the :class:`~raypipe.generation.GenerationEngine` behind the OpenAI routes of
             a language model (:mod:`raypipe.openai_api`); default: one of its own.
         served_ids: the model ids ``GET /v1/models`` lists (default: the served model's).
+        hold, release: bracket a generation request's use of an adapter (see :mod:`raypipe.serve`).
     """
     from raypipe import openai_api
     from raypipe.generation import GenerationEngine
@@ -774,7 +777,8 @@ def create_app(
 
     engine = generation or GenerationEngine(cfg.max_batch_size, cfg.batch_wait_timeout_s)
     openai_api.add_routes(app, predictor_provider, cfg, engine=engine, served_ids=served_ids or own_ids,
-                          adapter_fn=adapter_fn, read_body=lambda request: _read_body(request, body_limit), api_error=ApiError)
+                          adapter_fn=adapter_fn, read_body=lambda request: _read_body(request, body_limit), api_error=ApiError,
+                          hold=hold, release=release)
 
     base_openapi = app.openapi
     cached: dict[Any, dict[str, Any]] = {}

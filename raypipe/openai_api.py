@@ -154,12 +154,17 @@ AdapterFn = Callable[[str], Awaitable["Predictor"]]
 def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: ServeConfig, *,
                engine: GenerationEngine, served_ids: Callable[[], list[str]],
                adapter_fn: AdapterFn | None, read_body: Callable[[Request], Awaitable[bytes]],
-               api_error: type[Any]) -> None:
+               api_error: type[Any], hold: Callable[[Predictor], Any] | None = None,
+               release: Callable[[Any], None] | None = None) -> None:
     """Register the /v1 routes on ``app``. ``served_ids()`` lists the ids /v1/models shows (the
     first is the default model's); ``adapter_fn(id)`` returns the Predictor of a served LoRA
     adapter (or raises a 404 ``api_error``, raypipe.api's ApiError, passed in to keep this module
-    free of an import cycle); ``read_body`` reads the body within the size limit."""
+    free of an import cycle); ``read_body`` reads the body within the size limit.
+    ``hold(predictor)`` / ``release(token)`` bracket a request's use of an adapter (Serve's LRU
+    may evict it meanwhile; it is deleted once no request holds it)."""
     ApiError = api_error  # noqa: N806
+    hold = hold or (lambda _p: None)
+    release = release or (lambda _t: None)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -245,9 +250,14 @@ def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: Serv
 
         req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
         predictor = await choose(req.model)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompt = prompt_ids(predictor.tokenizer, messages)
-        params = sampling(req, predictor, prompt, "messages", cfg.max_tokens)
+        held = hold(predictor)  # before the next await: an eviction cannot slip in between
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            prompt = prompt_ids(predictor.tokenizer, messages)
+            params = sampling(req, predictor, prompt, "messages", cfg.max_tokens)
+        except BaseException:
+            release(held)
+            raise
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         deltas = run(predictor, prompt, params)
         if req.stream:
@@ -255,15 +265,14 @@ def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: Serv
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-            async def events() -> AsyncIterator[str]:
-                yield _sse(chunk({"role": "assistant", "content": ""}, None))
-                async for event in _stream(deltas, lambda d: chunk({"content": d.text}, None),
-                                           lambda d: chunk({}, d.finish_reason), rid, created, req,
-                                           "chat.completion.chunk"):
-                    yield event
-
-            return _sse_response(events())
-        text, last = await _collect(deltas)
+            return _sse_response(_stream(deltas, lambda d: chunk({"content": d.text}, None),
+                                         lambda d: chunk({}, d.finish_reason), rid, created, req,
+                                         "chat.completion.chunk", lambda: release(held),
+                                         head=chunk({"role": "assistant", "content": ""}, None)))
+        try:
+            text, last = await _collect(deltas)
+        finally:
+            release(held)
         return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": None, "finish_reason": last.finish_reason}],
@@ -273,9 +282,14 @@ def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: Serv
     async def completions(request: Request) -> Any:
         req: CompletionRequest = await parse(request, CompletionRequest)
         predictor = await choose(req.model)
-        text = req.text()
-        prompt = list(predictor.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-        params = sampling(req, predictor, prompt, "prompt", 16)
+        held = hold(predictor)
+        try:
+            text = req.text()
+            prompt = list(predictor.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+            params = sampling(req, predictor, prompt, "prompt", 16)
+        except BaseException:
+            release(held)
+            raise
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         deltas = run(predictor, prompt, params)
         if req.stream:
@@ -284,8 +298,11 @@ def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: Serv
                         "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}]}
 
             return _sse_response(_stream(deltas, lambda d: chunk(d.text, None), lambda d: chunk("", d.finish_reason),
-                                         rid, created, req, "text_completion"))
-        out, last = await _collect(deltas)
+                                         rid, created, req, "text_completion", lambda: release(held)))
+        try:
+            out, last = await _collect(deltas)
+        finally:
+            release(held)
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                 "choices": [{"index": 0, "text": out, "logprobs": None, "finish_reason": last.finish_reason}],
                 "usage": _usage(last)}
@@ -319,10 +336,13 @@ def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
 
 async def _stream(deltas: AsyncIterator[Delta], middle: Callable[[Delta], dict[str, Any]],
                   final: Callable[[Delta], dict[str, Any]], rid: str, created: int, req: _Request,
-                  obj: str) -> AsyncIterator[str]:
+                  obj: str, done: Callable[[], None], head: dict[str, Any] | None = None) -> AsyncIterator[str]:
     """The chunks of one streamed answer, then the usage chunk if asked for, then [DONE].
-    An error mid-stream (the status is already sent) becomes an error event."""
+    An error mid-stream (the status is already sent) becomes an error event. ``done()`` runs
+    at the end, also when the client went away. ``head``: a first chunk (the chat role)."""
     try:
+        if head is not None:
+            yield _sse(head)
         async for d in deltas:
             if d.text:
                 yield _sse(middle(d))
@@ -333,4 +353,7 @@ async def _stream(deltas: AsyncIterator[Delta], middle: Callable[[Delta], dict[s
                                 "choices": [], "usage": _usage(d)})
     except Exception as exc:  # noqa: BLE001
         yield _sse(error_body(f"generation failed: {type(exc).__name__}", "server_error"))
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]  # a client gone: its row stops
+        done()
     yield "data: [DONE]\n\n"

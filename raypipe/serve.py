@@ -152,7 +152,8 @@ class ModelService:
         return create_app(self.slot, self.cfg, predict_fn=self.predict, stats=self.stats,
                           serving_info=self.serving_info,
                           adapter_fn=self.adapter if self._adapter_uris else None,
-                          generation=self.generation, served_ids=self._served_ids)
+                          generation=self.generation, served_ids=self._served_ids,
+                          hold=self._hold, release=self._release)
 
     def _generated(self, requests: int, seconds: float) -> None:
         """A generation batch finished (on the inference thread): stats, metrics, health."""

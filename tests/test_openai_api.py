@@ -180,3 +180,11 @@ def test_a_classifier_has_no_openai_routes(tiny_checkpoint):
     with TestClient(create_app(slot)) as client:
         r = client.post("/v1/completions", json={"model": "checkpoint", "prompt": "hi"})
     assert r.status_code == 404 and "classification" in r.json()["error"]["message"]
+
+
+def test_predict_still_answers_for_a_language_model(server):
+    """The pipeline's sample stage and the pyfunc path use /predict: a generation per prompt."""
+    r = httpx.post(f"{server.url}/predict", json={"texts": ["Say hello."]}, headers={"Authorization": f"Bearer {TOKEN}"},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["predictions"][0]["generation"], str)
