@@ -27,13 +27,18 @@ def ensure_ray(cfg: Any) -> bool:
     except that an address nothing answers at is never joined (see the README's ``ray.address``).
     Returns True when this call connected (so the caller owns the shutdown).
     """
+    from raypipe import console
+
+    console.quiet_libraries()  # before Ray starts: its env (progress bars) and console handlers
     import ray
 
     if ray.is_initialized():
         return False
-    for k, v in WORKER_ENV.items():
+    env = {**WORKER_ENV, **console.worker_env()}
+    for k, v in env.items():
         os.environ.setdefault(k, v)
-    kwargs: dict[str, Any] = {"address": cfg.ray.address, "runtime_env": {"env_vars": dict(WORKER_ENV)}}
+    kwargs: dict[str, Any] = {"address": cfg.ray.address, "runtime_env": {"env_vars": env},
+                              **console.ray_init_kwargs()}
     # address "local" always starts a new local Ray, so the options for a new one apply to it.
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address not in ("local", "auto") and not _answers(address):
@@ -42,6 +47,7 @@ def ensure_ray(cfg: Any) -> bool:
             f"{where} is {address}, but no Ray cluster answers there (is it up? `ray status "
             f"--address {address}`); set ray.address: local (or unset both) to start a local Ray"
         )
+    last = None
     if not address:
         # Ray would join the last cluster `ray start` wrote down on this machine, even one that
         # was killed since; it then retries a dead GCS for ever. Start a fresh local Ray instead.
@@ -51,6 +57,10 @@ def ensure_ray(cfg: Any) -> bool:
                   "starting a new local Ray (ray.address names another one to join)")
             kwargs["address"] = "local"
     joining = bool(address) and address != "local"
+    if not joining and (kwargs["address"] == "local" or not last):
+        # A new local Ray: token authentication as Ray 2.60 enables it by default, but said
+        # explicitly, so Ray does not warn on every start that it chose it (the user's value wins).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     if not joining:
         kwargs.update(
             num_cpus=cfg.ray.num_cpus,
@@ -58,6 +68,7 @@ def ensure_ray(cfg: Any) -> bool:
             dashboard_host=cfg.ray.dashboard_host,
         )
     ctx = ray.init(**kwargs)
+    console.quiet_ray(cfg.workdir_path, cfg.name)  # workers' output to the log file, not the console
     url = getattr(ctx, "dashboard_url", None)
     resources = ray.cluster_resources()
     print(
