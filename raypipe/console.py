@@ -31,9 +31,17 @@ VERBOSE_ENV = "RAYPIPE_VERBOSE"
 # Loggers of the libraries raypipe drives: their INFO lines are not a raypipe user's progress.
 LIBRARIES = ("ray", "transformers", "mlflow", "alembic", "datasets", "peft", "filelock", "urllib3", "httpx",
              "httpcore", "torch", "fsspec")
-# Read by Ray Data in every process that runs a dataset (the driver and Ray's workers), and by
-# MLflow when it is imported (its "Creating initial MLflow database tables" INFO lines).
-QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING"}
+# Read where each library starts (the driver, and Ray's workers through their runtime env): Ray
+# Data's progress bars; MLflow's INFO lines ("Creating initial MLflow database tables") and its
+# "Downloading artifacts" bars; the Hub's and transformers' bars ("Loading weights"); Tune's
+# warning that one of its own steps took over 0.5 s, which any loaded laptop triggers.
+QUIET_ENV = {
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TUNE_WARN_THRESHOLD_S": "60",
+}
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _log_file: Path | None = None
@@ -99,6 +107,10 @@ def quiet_libraries() -> None:
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
+    if "transformers" in sys.modules:  # imported before the environment above was set
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def tune_env() -> dict[str, str]:
@@ -197,7 +209,20 @@ def ray_init_kwargs() -> dict[str, Any]:
     """What :func:`raypipe.runtime.ensure_ray` passes to ``ray.init`` for the console."""
     # WARNING while Ray starts (its "Started a local Ray instance" INFO line); quiet_ray then
     # lets Ray's INFO records through to the log file again.
-    return {"logging_level": logging.DEBUG if verbose() else logging.WARNING}
+    return {"logging_level": logging.INFO if verbose() else logging.WARNING}
+
+
+@contextmanager
+def starting_ray(new_cluster: bool) -> Iterator[None]:
+    """Around ``ray.init``: Ray 2.60 announces on every start of a new local Ray, as a WARNING,
+    that it turned on token authentication by default; that default is what raypipe wants, so
+    the announcement is not shown (``-v`` shows it). Joining a cluster, Ray's warnings about
+    authentication (e.g. that it is off) stay."""
+    if verbose() or not new_cluster:
+        yield
+        return
+    with hushed("ray._private.authentication", level=logging.ERROR):
+        yield
 
 
 def quiet_ray(workdir: Path, name: str) -> None:
@@ -253,14 +278,14 @@ def _worker_lines_to_log(data: dict[str, Any]) -> None:
 
 
 @contextmanager
-def hushed(*names: str) -> Iterator[None]:
+def hushed(*names: str, level: int = logging.WARNING) -> Iterator[None]:
     """These loggers below WARNING for one call: for messages that raypipe's own reads trigger
     (Ray Train's "A run snapshot was found ... delete the existing folder" when raypipe opens the
     results of a run it has just finished), which tell the user nothing."""
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.WARNING)
+        lg.setLevel(level)
     try:
         yield
     finally:
@@ -312,9 +337,10 @@ class SweepBoard:
         if value is not None and (row["best"] is None or (value < row["best"] if self.mode == "min" else value > row["best"])):
             row["best"] = value
         line = self.line(trial_id)
-        write_log(f"[raypipe] {line}")
-        if self._live is None:
+        if self._live is None:  # (through the command's log too)
             print(f"[raypipe] {line}", file=self.stream or sys.stdout, flush=True)
+        else:
+            write_log(f"[raypipe] {line}")
         self._refresh()
         return line
 

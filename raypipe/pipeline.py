@@ -102,7 +102,7 @@ def evaluate_and_register(cfg: RaypipeConfig, checkpoint: str, *, splits: Any, s
     evaluation = evaluate(checkpoint, cfg, splits=splits)
     registration = register(checkpoint, cfg, force=force, evaluation=evaluation, source_run_id=source_run_id,
                             fingerprint=splits.fingerprint, data_checks=splits.checks)
-    print(registration.summary())
+    console.say(f"registered {registration.uri}: {registration.decision.reason}")
     return evaluation, registration
 
 

@@ -47,7 +47,6 @@ def ensure_ray(cfg: Any) -> bool:
             f"{where} is {address}, but no Ray cluster answers there (is it up? `ray status "
             f"--address {address}`); set ray.address: local (or unset both) to start a local Ray"
         )
-    last = None
     if not address:
         # Ray would join the last cluster `ray start` wrote down on this machine, even one that
         # was killed since; it then retries a dead GCS for ever. Start a fresh local Ray instead.
@@ -57,17 +56,14 @@ def ensure_ray(cfg: Any) -> bool:
                   "starting a new local Ray (ray.address names another one to join)")
             kwargs["address"] = "local"
     joining = bool(address) and address != "local"
-    if not joining and (kwargs["address"] == "local" or not last):
-        # A new local Ray: token authentication as Ray 2.60 enables it by default, but said
-        # explicitly, so Ray does not warn on every start that it chose it (the user's value wins).
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     if not joining:
         kwargs.update(
             num_cpus=cfg.ray.num_cpus,
             include_dashboard=cfg.ray.include_dashboard,
             dashboard_host=cfg.ray.dashboard_host,
         )
-    ctx = ray.init(**kwargs)
+    with console.starting_ray(new_cluster=not joining):
+        ctx = ray.init(**kwargs)
     console.quiet_ray(cfg.workdir_path, cfg.name)  # workers' output to the log file, not the console
     url = getattr(ctx, "dashboard_url", None)
     resources = ray.cluster_resources()

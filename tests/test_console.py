@@ -96,6 +96,8 @@ NOISE = {
     "worker pid prefixes": re.compile(r"\(\w+ pid=\d+"),
     "Ray's INFO lines": re.compile(r"INFO worker\.py|Started a local Ray instance"),
     "MLflow's INFO lines": re.compile(r"INFO mlflow"),
+    "progress bars": re.compile(r"Loading weights|Downloading artifacts|it/s\]"),
+    "Tune's slow-step warnings": re.compile(r"may be a performance bottleneck"),
 }
 
 
@@ -108,9 +110,9 @@ def toy_run(tmp_path_factory, tiny_model_dir, toy_csv):
         "workdir": str(tmp / "work"),
         "name": "toy",
         "ray": {"address": "local", "num_cpus": 2, "include_dashboard": False},
-        "data": {"path": str(toy_csv), "max_length": 32, "max_samples": 300},
+        "data": {"path": str(toy_csv), "max_length": 32, "max_samples": 150},
         "model": {"name": str(tiny_model_dir)},
-        "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5, "use_gpu": False},
         "tune": {"num_samples": 1, "search_space": {"train.lr": {"grid": [3e-3, 6e-3]}},
                  "scheduler": {"type": "fifo"}},
@@ -133,10 +135,10 @@ def test_the_default_console_of_a_run_is_short_and_has_none_of_the_listed_lines(
     assert len(lines) <= 60, out
     stages = re.findall(r"stage (\d)/(\d)", out)
     assert stages == [("1", "3"), ("2", "3"), ("3", "3")], stages
-    assert "subsampled to 300 rows" in out  # as many as data.max_samples asked for
-    epochs = [ln for ln in lines if re.search(r"\[raypipe\] trial \w+_\d+  epoch \d/2  val_macro_f1 \d\.\d{4}  "
+    assert "subsampled to 150 rows" in out  # as many as data.max_samples asked for
+    epochs = [ln for ln in lines if re.search(r"\[raypipe\] trial \w+_\d+  epoch 1/1  val_macro_f1 \d\.\d{4}  "
                                              r"elapsed \S+  ETA \S+", ln)]
-    assert len(epochs) == 4, out  # one line per trial epoch: 2 trials x 2 epochs
+    assert len(epochs) == 2, out  # one line per trial epoch: 2 trials x 1 epoch
     assert "raypipe pipeline summary" in out
 
 
@@ -197,7 +199,7 @@ def test_verbose_brings_rays_output_back(tmp_path, verbose):
                           capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    worker_line = re.search(r"\(shout pid=\d+\) hello from a ray worker", out)
+    worker_line = re.search(r"\(shout pid=\d+\)\S* hello from a ray worker", out)  # (Ray colours the prefix)
     ray_info = "Started a local Ray instance" in out
     logs = list((tmp_path / "work" / "logs").glob("*.log"))
     if verbose:
