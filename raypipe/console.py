@@ -74,7 +74,10 @@ def setup_logging(verbose_flag: bool = False) -> None:
     set_verbose(verbose_flag)
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose_flag else logging.INFO)
+    for old in [h for h in root.handlers if getattr(h, "raypipe_console", False)]:  # main() called again
+        root.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
+    handler.raypipe_console = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     if not verbose():
         handler.addFilter(_own_or_warning)

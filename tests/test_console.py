@@ -56,6 +56,21 @@ def test_a_sweep_board_line_names_the_trial_the_metric_elapsed_time_and_an_eta()
     assert "abc_00000" in str(board.table().columns[0]._cells)  # the live view's table has the same rows
 
 
+def test_a_training_run_gets_one_line_per_epoch_from_the_checkpoints_it_writes(tmp_path, capsys):
+    import json
+
+    watcher = console.EpochWatcher(str(tmp_path), "val_macro_f1", epochs=3)
+    assert watcher.poll() == []
+    for epoch, value in ((1, 0.5), (2, 0.625)):
+        ckpt = tmp_path / f"checkpoint_2026-12-07_00-0{epoch}-00.000000"
+        ckpt.mkdir()
+        (ckpt / "raypipe.json").write_text(json.dumps({"epoch": epoch, "metrics": {"val_macro_f1": value}}))
+    lines = watcher.poll()
+    assert [ln.split("  elapsed")[0] for ln in lines] == ["epoch 1/3  val_macro_f1 0.5000", "epoch 2/3  val_macro_f1 0.6250"]
+    assert all("ETA" in ln for ln in lines) and watcher.poll() == []  # each epoch once
+    assert capsys.readouterr().out.count("[raypipe] epoch") == 2
+
+
 def test_hushed_keeps_a_logger_below_warning_for_one_call_only(caplog):
     log = logging.getLogger("ray.train.v2.some.module")
     with caplog.at_level(logging.INFO, logger="ray.train"):
