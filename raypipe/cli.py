@@ -44,10 +44,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.check_data:
         from raypipe.data import load_splits
 
+        from raypipe.errors import RaypipeError
+
         splits = load_splits(cfg.data, cfg.task)
-        for note in splits.notes:
-            print(f"data: {note}")
-        print(splits.summary())
+        try:  # the truncated share needs the model's tokenizer
+            splits.measure_lengths(cfg.model.name, cfg.data.max_length)
+        except (RaypipeError, OSError, ValueError) as exc:
+            print(f"data: the share of texts past max_length is not measured: no tokenizer for {cfg.model.name} ({exc})")
+        print(splits.report())
     if args.show:
         for key, value in flatten(cfg.model_dump(mode="json")).items():
             print(f"{key} = {value}")
@@ -56,10 +60,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from raypipe import console
     from raypipe.training import run
 
-    result = run(_config(args))
-    print(result.summary())
+    cfg = _config(args)
+    with console.run_log(cfg, "train") as log:
+        result = run(cfg)
+        print(result.summary())
+        print(f"full log: {log}")
     return 0
 
 
@@ -68,13 +76,17 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from raypipe.pipeline import evaluate_and_register
     from raypipe.tuning import run
 
+    from raypipe import console
+
     cfg = _config(args).with_absolute_paths()
-    splits = load_splits(cfg.data, cfg.task)
-    print(f"[raypipe] data: {splits.summary()}")
-    result = run(cfg, resume=args.resume, splits=splits)
-    print(result.summary())
-    if not args.no_register:
-        evaluate_and_register(cfg, result.best_checkpoint, splits=splits, source_run_id=result.best_run_id)
+    with console.run_log(cfg, "tune") as log:
+        splits = load_splits(cfg.data, cfg.task)
+        print(splits.report())
+        result = run(cfg, resume=args.resume, splits=splits)
+        print(result.summary())
+        if not args.no_register:
+            evaluate_and_register(cfg, result.best_checkpoint, splits=splits, source_run_id=result.best_run_id)
+        print(f"full log: {log}")
     return 0
 
 
@@ -190,10 +202,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from raypipe import console
     from raypipe.pipeline import run
 
-    result = run(_config(args), serve=not args.no_serve, keep_serving=args.keep_serving)
-    print(result.summary())
+    cfg = _config(args)
+    with console.run_log(cfg, "run"):
+        result = run(cfg, serve=not args.no_serve, keep_serving=args.keep_serving)
+        print(result.summary())
     return 0
 
 
@@ -233,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     from raypipe import __version__
 
     parser.add_argument("--version", action="version", version=f"raypipe {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's, Tune's, MLflow's and the workers' output too (also RAYPIPE_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
@@ -337,10 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*(args.overrides or []), *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    from raypipe import console
+
+    console.setup_logging(args.verbose)  # raypipe's progress on the console; -v: every library's too
     for noisy in ("httpx", "httpcore", "urllib3"):  # one line per HTTP request is not progress
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -110,6 +110,10 @@ class DataConfig(_Section):
         "them, `within` drops repeats inside each split, `across` also drops validation and test "
         "examples that occur in training (and test ones that occur in validation).",
     )
+    test_overlap_threshold: float = Field(
+        0.0, ge=0, le=1, description="Share of test examples that may also occur in training before "
+        "the pipeline summary warns and the registered version is tagged raypipe.data.test_overlap_warning.",
+    )
     encoding_errors: Literal["strict", "replace"] = Field(
         "replace",
         description="Undecodable bytes in text files: 'replace' substitutes U+FFFD and counts them, "

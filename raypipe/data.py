@@ -86,6 +86,16 @@ class Splits:
         index = {label: i for i, label in enumerate(self.labels)}
         return frame["label"].map(index).astype("int64")
 
+    def measure_lengths(self, tokenizer_source: str, max_length: int) -> None:
+        """Add the share of texts that tokenise past ``max_length`` to :attr:`checks` (once)."""
+        if "truncated" not in self.checks:
+            self.checks["truncated"] = truncated_shares(self, tokenizer_source, max_length)
+
+    def report(self) -> str:
+        """The data-check report: one short block, printed before any Ray work and logged to
+        MLflow (``data_check.txt``)."""
+        return data_check_report(self)
+
     def summary(self) -> str:
         what = f"{len(self.labels)} classes" if self.labels else f"task {self.task}"
         pairs = ", sentence pairs" if self.schema.get("inputs") == "pair" else ""
@@ -609,6 +619,9 @@ def load_splits(cfg: Any, task: str | None = None) -> Splits:
     if test is None:
         test = parts.pop(0)
     train, val, test, checks = check_duplicates(train, val, test, t, cfg.dedupe)
+    checks.update(check_contents({"train": train, "val": val, "test": test}, t, cfg.test_overlap_threshold))
+    checks["test_overlap_warning"] = bool(checks["test_overlap_share"] > cfg.test_overlap_threshold
+                                          and checks["dedupe"] != "across")
     notes += duplicate_notes(checks)
     schema = t.schema(train, cfg)
     t.check(val, schema, "validation", cfg.validation_path or cfg.path)
@@ -655,6 +668,7 @@ def check_duplicates(train: Any, val: Any, test: Any, task: Any, dedupe: str = "
         "val_in_train": int(keys["val"].isin(set(keys["train"])).sum()),
         "test_in_train": int(keys["test"].isin(set(keys["train"])).sum()),
         "test_in_val": int(keys["test"].isin(set(keys["val"])).sum()),
+        "test_overlap_share": float(keys["test"].isin(set(keys["train"])).mean()) if len(keys["test"]) else 0.0,
         "dedupe": dedupe,
         "removed": {"train": 0, "val": 0, "test": 0},
     }
@@ -687,14 +701,121 @@ def duplicate_notes(checks: dict[str, Any]) -> list[str]:
                      "train / val / test examples (data.dedupe: within)")
     if overlap and dedupe != "across":
         share = overlap / max(rows["test"], 1)
-        notes.append(f"data check: WARNING {overlap} of {rows['test']} test examples ({share:.1%}) also occur in "
-                     "training (case and whitespace ignored), so the test score is inflated; "
-                     "data.dedupe: across drops them")
+        flagged = checks.get("test_overlap_warning", True)
+        head = "WARNING " if flagged else ""
+        tail = ("so the test score is inflated" if flagged
+                else f"within data.test_overlap_threshold {checks.get('test_overlap_threshold', 0):.1%}")
+        notes.append(f"data check: {head}{overlap} of {rows['test']} test examples ({share:.1%}) also occur in "
+                     f"training (case and whitespace ignored), {tail}; data.dedupe: across drops them")
     within = checks["duplicates_within"]
     if dedupe == "none" and any(within.values()):
         notes.append(f"data check: {within['train']} / {within['val']} / {within['test']} repeated examples "
                      "within train / val / test (data.dedupe: within drops them)")
     return notes
+
+
+def _content_free(value: Any) -> bool:
+    """Nothing left once case, whitespace, punctuation and invisible characters are ignored
+    ("...", "-", a zero-width space): the readers take such a text, no model learns from it."""
+    if isinstance(value, str):
+        return not any(ch.isalnum() for ch in value)
+    if isinstance(value, (tuple, list)):
+        return all(_content_free(v) for v in value) if value else True
+    return False
+
+
+def check_contents(frames: dict[str, Any], task: Any, overlap_threshold: float = 0.0) -> dict[str, Any]:
+    """Per split: label distribution (label tasks), texts empty after normalisation, and the
+    share of test examples that occur in training against ``data.test_overlap_threshold``."""
+    out: dict[str, Any] = {
+        "labels": {n: dict(sorted(label_counts(f).items())) for n, f in frames.items()},
+        "empty_after_normalisation": {n: sum(_content_free(x) for x in task.inputs_of(f)) for n, f in frames.items()},
+        "test_overlap_threshold": overlap_threshold,
+    }
+    if not any(out["labels"].values()):
+        out["labels"] = {}
+    return out
+
+
+def truncated_shares(splits: Splits, tokenizer_source: str, max_length: int, limit: int = 20_000) -> dict[str, Any]:
+    """The share of each split's inputs that tokenise to more than ``max_length`` tokens (special
+    tokens included), on at most ``limit`` seeded rows per split. Word lists (token
+    classification) are split into windows, not truncated: they are left out."""
+    from transformers import AutoTokenizer
+
+    from raypipe.model import resolve_model_source
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_source(tokenizer_source))
+    t = tasks.get(splits.task)
+    out: dict[str, Any] = {"max_length": max_length}
+    for name in ("train", "val", "test"):
+        frame = getattr(splits, name)
+        if len(frame) > limit:
+            frame = frame.sample(n=limit, random_state=0)
+        inputs = t.inputs_of(frame)
+        if not inputs:
+            out[name] = 0.0
+            continue
+        if all(isinstance(x, str) for x in inputs):
+            enc = tok(list(inputs), truncation=False, add_special_tokens=True, verbose=False)
+        elif all(isinstance(x, tuple) and len(x) == 2 and all(isinstance(v, str) for v in x) for x in inputs):
+            enc = tok([a for a, _ in inputs], [b for _, b in inputs], truncation=False, add_special_tokens=True,
+                      verbose=False)
+        else:
+            return {}
+        out[name] = sum(len(ids) > max_length for ids in enc["input_ids"]) / len(inputs)
+    return out
+
+
+def check_params(checks: dict[str, Any]) -> dict[str, str]:
+    """The data checks as MLflow params (``data.check.*``) of training runs and sweep trials."""
+    if not checks:
+        return {}
+    params = {
+        "data.check.test_in_train": str(checks["test_in_train"]),
+        "data.check.val_in_train": str(checks["val_in_train"]),
+        "data.check.duplicates_within": json.dumps(checks["duplicates_within"], sort_keys=True),
+        "data.check.removed": json.dumps(checks["removed"], sort_keys=True),
+    }
+    if "test_overlap_share" in checks:
+        params["data.check.test_overlap_share"] = f"{checks['test_overlap_share']:.4f}"
+        params["data.check.test_overlap_warning"] = str(bool(checks.get("test_overlap_warning"))).lower()
+    if "empty_after_normalisation" in checks:
+        params["data.check.empty_after_normalisation"] = json.dumps(checks["empty_after_normalisation"], sort_keys=True)
+    for split, counts in (checks.get("labels") or {}).items():
+        params[f"data.check.labels.{split}"] = json.dumps(counts, sort_keys=True)
+    truncated = checks.get("truncated") or {}
+    for split in ("train", "val", "test"):
+        if split in truncated:
+            params[f"data.check.truncated.{split}"] = f"{truncated[split]:.4f}"
+    return params
+
+
+def data_check_report(splits: Splits) -> str:
+    """One short block: sizes, label distribution, truncation, empty texts, duplicates."""
+    c = splits.checks
+    lines = [f"data: {splits.summary()}"]
+    for note in splits.notes:
+        lines.append(f"  {note.removeprefix('data check: ')}")
+    if c.get("labels"):
+        names = sorted({k for counts in c["labels"].values() for k in counts})
+        shown = names if len(names) <= 8 else names[:8]
+        for split, counts in c["labels"].items():
+            total = max(c["rows"].get(split, 0) - c["removed"].get(split, 0), 1)
+            dist = ", ".join(f"{k} {counts.get(k, 0) / total:.0%}" for k in shown)
+            more = f", +{len(names) - len(shown)} more" if len(names) > len(shown) else ""
+            lines.append(f"  labels {split:<5} {dist}{more}")
+    truncated = c.get("truncated") or {}
+    if truncated:
+        lines.append(f"  truncated at max_length {truncated['max_length']}: "
+                     + ", ".join(f"{s} {truncated[s]:.1%}" for s in ("train", "val", "test") if s in truncated))
+    empty = c.get("empty_after_normalisation") or {}
+    if any(empty.values()):
+        lines.append("  WARNING texts with no letter or digit (empty once punctuation is ignored): "
+                     + ", ".join(f"{s} {n}" for s, n in empty.items()))
+    if c and not any(n.startswith("data check") for n in splits.notes):
+        lines.append("  no duplicates within or across splits (case and whitespace ignored)")
+    return "\n".join(lines)
 
 
 def label_counts(frame: Any) -> Counter:

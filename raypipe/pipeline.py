@@ -29,6 +29,7 @@ class PipelineResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     dashboard_url: str | None = None
     data_checks: dict[str, Any] = field(default_factory=dict)
+    log_file: str | None = None
 
     @property
     def champion_uri(self) -> str:
@@ -42,10 +43,11 @@ class PipelineResult:
         if m:
             shown = "   ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "test_loss")
             lines.append(f"{shown}     ({self.evaluation.num_examples} held-out examples)")
-        seen = self.data_checks.get("test_in_train", 0) if self.data_checks.get("dedupe") != "across" else 0
-        if seen:
-            lines.append(f"WARNING         {seen} of {self.data_checks['rows']['test']} test examples also occur in "
-                         "training: the test score is inflated (data.dedupe: across drops them)")
+        if self.data_checks.get("test_overlap_warning"):  # share above data.test_overlap_threshold
+            c = self.data_checks
+            lines.append(f"WARNING         {c['test_in_train']} of {c['rows']['test']} test examples also occur in "
+                         f"training ({c['test_overlap_share']:.1%}, above data.test_overlap_threshold "
+                         f"{c['test_overlap_threshold']:.1%}): the test score is inflated (data.dedupe: across drops them)")
         if self.tune is not None:
             t = self.tune
             lines.append(f"sweep           {t.sweep_name}: {len(t.trials)} trials, best {t.best_trial} "
@@ -72,6 +74,7 @@ class PipelineResult:
             f"  workdir         {cfg.workdir_path}",
             f"  MLflow store    {redact_uri(cfg.resolved_tracking_uri)}",
             f"  Ray results     {cfg.resolved_storage_path}",
+            *([f"  full log        {self.log_file}   (raypipe -v shows it all on the console)"] if self.log_file else []),
             "next",
             "  MLflow UI       raypipe ui --config <this config>     (http://127.0.0.1:5000)",
         ]
@@ -93,22 +96,25 @@ def evaluate_and_register(cfg: RaypipeConfig, checkpoint: str, *, splits: Any, s
     from raypipe.evaluation import run as evaluate
     from raypipe.registration import run as register
 
-    print("[raypipe] evaluating the best checkpoint on the held-out test split")
+    from raypipe import console
+
+    console.say("evaluating the best checkpoint on the held-out test split")
     evaluation = evaluate(checkpoint, cfg, splits=splits)
     registration = register(checkpoint, cfg, force=force, evaluation=evaluation, source_run_id=source_run_id,
                             fingerprint=splits.fingerprint, data_checks=splits.checks)
-    print(registration.summary())
+    console.say(f"registered {registration.uri}: {registration.decision.reason}")
     return evaluation, registration
 
 
 def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, samples: int = 5) -> PipelineResult:
     """Run every stage the config describes; serve the champion and query it when ``serve``."""
+    from raypipe import console
     from raypipe.data import load_splits
     from raypipe.runtime import ensure_ray
 
     out = PipelineResult(cfg=cfg)
     clock = time.perf_counter()
-    stages = 3 if serve else 2
+    names = ["sweep" if cfg.tune.search_space else "training", "evaluate and register", *(["serve"] if serve else [])]
 
     def lap(stage: str) -> None:
         nonlocal clock
@@ -118,39 +124,39 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
 
     cfg = cfg.with_absolute_paths()
     splits = load_splits(cfg.data, cfg.task)  # once per run, and before any Ray work
-    for note in splits.notes:
-        print(f"[raypipe] data: {note}")
-    print(f"[raypipe] data: {splits.summary()}")
+    splits.measure_lengths(cfg.model.name, cfg.data.max_length)
+    print(splits.report())
     out.data_checks = splits.checks
     started = ensure_ray(cfg)
     import ray
 
-    out.dashboard_url = getattr(ray.get_runtime_context(), "dashboard_url", None) or _dashboard_url()
+    out.dashboard_url = _dashboard_url()
+    log = console.log_file()
+    out.log_file = str(log) if log else None
     lap("start")
     if cfg.tune.search_space:
         from raypipe.tuning import run as tune
         from raypipe.tuning import trial_count
 
-        print(f"[raypipe] stage 1/{stages}: sweep of {trial_count(cfg)} trial(s) (tune.search_space)")
+        console.stage(1, len(names), f"sweep of {trial_count(cfg)} trial(s) (tune.search_space)")
 
         out.tune = tune(cfg, splits=splits)
         best, source_run = out.tune.best_checkpoint, out.tune.best_run_id
         lap("tune")
     else:
-        print(f"[raypipe] stage 1/{stages}: training (no tune.search_space given)")
+        console.stage(1, len(names), "training (no tune.search_space given)")
         from raypipe.training import run as train
 
         out.train = train(cfg, splits=splits)
         best, source_run = out.train.best_checkpoint, out.train.mlflow_run_id
         lap("train")
-    print(f"[raypipe] stage 2/{stages}: evaluate and register")
+    console.stage(2, len(names), "evaluate and register")
     out.evaluation, out.registration = evaluate_and_register(cfg, best, splits=splits, source_run_id=source_run)
     lap("evaluate+register")
-    if serve and out.registration is not None and cfg.task == "sft" and not _has_chat_routes():
-        print(f"[raypipe] stage 3/{stages}: serving skipped: an sft model is served through the "
-              "OpenAI-compatible routes (raypipe.openai_api), which this raypipe does not have")
-    elif serve and out.registration is not None:
-        print(f"[raypipe] stage 3/{stages}: serving {out.champion_uri}")
+    if serve and out.registration is None:
+        console.say(f"stage 3/{len(names)} skipped: nothing was registered to serve")
+    if serve and out.registration is not None:
+        console.stage(3, len(names), f"serving {out.champion_uri}")
         from raypipe import tasks
         from raypipe.client import predict_http
         from raypipe.serve import deploy
@@ -179,12 +185,6 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
     if started and ray.is_initialized():
         ray.shutdown()
     return out
-
-
-def _has_chat_routes() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("raypipe.openai_api") is not None
 
 
 def _sample(frame: Any, task: Any, n: int, seed: int) -> list[tuple[Any, Any]]:

@@ -613,6 +613,8 @@ def add_version(
         if data_checks:  # what the test score is worth: how much of the test set training saw
             tags["raypipe.data.test_in_train"] = f"{data_checks['test_in_train']}/{data_checks['rows']['test']}"
             tags["raypipe.data.dedupe"] = str(data_checks["dedupe"])
+            if data_checks.get("test_overlap_warning"):  # above data.test_overlap_threshold
+                tags["raypipe.data.test_overlap_warning"] = f"{data_checks['test_overlap_share']:.1%} of the test set occurs in training"
         mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         version = str(mv.version)
         client.set_tag(run_id, "raypipe.registered_as", f"models:/{name}/{version}")

@@ -27,13 +27,18 @@ def ensure_ray(cfg: Any) -> bool:
     except that an address nothing answers at is never joined (see the README's ``ray.address``).
     Returns True when this call connected (so the caller owns the shutdown).
     """
+    from raypipe import console
+
+    console.quiet_libraries()  # before Ray starts: its env (progress bars) and console handlers
     import ray
 
     if ray.is_initialized():
         return False
-    for k, v in WORKER_ENV.items():
+    env = {**WORKER_ENV, **console.worker_env()}
+    for k, v in env.items():
         os.environ.setdefault(k, v)
-    kwargs: dict[str, Any] = {"address": cfg.ray.address, "runtime_env": {"env_vars": dict(WORKER_ENV)}}
+    kwargs: dict[str, Any] = {"address": cfg.ray.address, "runtime_env": {"env_vars": env},
+                              **console.ray_init_kwargs()}
     # address "local" always starts a new local Ray, so the options for a new one apply to it.
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address and address not in ("local", "auto") and not _answers(address):
@@ -57,7 +62,9 @@ def ensure_ray(cfg: Any) -> bool:
             include_dashboard=cfg.ray.include_dashboard,
             dashboard_host=cfg.ray.dashboard_host,
         )
-    ctx = ray.init(**kwargs)
+    with console.starting_ray(new_cluster=not joining):
+        ctx = ray.init(**kwargs)
+    console.quiet_ray(cfg.workdir_path, cfg.name)  # workers' output to the log file, not the console
     url = getattr(ctx, "dashboard_url", None)
     resources = ray.cluster_resources()
     print(

@@ -239,17 +239,23 @@ def start_training_run(cfg: Any, splits: Any, run_name: str) -> str:
     run = client.create_run(exp_id, tags=tags, run_name=cfg.tracking.run_name or run_name)
     params = safe_params(flatten(cfg.model_dump(mode="json")))
     params["data.train_size"] = str(len(splits.train))
-    checks = getattr(splits, "checks", None) or {}
-    if checks:  # the duplicate check's counts (data.dedupe decides what was dropped)
-        params["data.check.test_in_train"] = str(checks["test_in_train"])
-        params["data.check.val_in_train"] = str(checks["val_in_train"])
-        params["data.check.duplicates_within"] = json.dumps(checks["duplicates_within"], sort_keys=True)
-        params["data.check.removed"] = json.dumps(checks["removed"], sort_keys=True)
     if splits.labels:
         params["data.num_labels"] = str(len(splits.labels))
     _log_params(client, run.info.run_id, params)
+    log_data_checks(client, run.info.run_id, splits)
     print(f"[raypipe] MLflow run {run.info.run_id} in experiment '{cfg.tracking.experiment}'")
     return run.info.run_id
+
+
+def log_data_checks(client: Any, run_id: str, splits: Any) -> None:
+    """The data checks of the run's splits: ``data.check.*`` params and ``data_check.txt``."""
+    from raypipe.data import check_params
+
+    checks = getattr(splits, "checks", None) or {}
+    if not checks:
+        return
+    _log_params(client, run_id, check_params(checks))
+    client.log_text(run_id, splits.report() + "\n", "data_check.txt")
 
 
 def finish_training_run(cfg: Any, run_id: str, out: Any) -> None:
@@ -367,9 +373,10 @@ def log_evaluation(cfg: Any, result: Any) -> str:
 # --------------------------------------------------------------------------- sweeps
 
 
-def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str) -> Any:
+def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, splits: Any = None) -> Any:
     """Ray's MLflowLoggerCallback, made restart-safe: a resumed sweep finds a trial's existing
-    run instead of opening a second one, and steps are epochs, each logged once."""
+    run instead of opening a second one, and steps are epochs, each logged once. A new trial run
+    also gets the data checks of ``splits``."""
     from mlflow.tracking import MlflowClient
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -384,7 +391,10 @@ def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str) -> Any:
                 )
                 if found:
                     self._trial_runs[trial] = found[0].info.run_id
+            new = trial not in self._trial_runs
             super().log_trial_start(trial)
+            if new and splits is not None:
+                log_data_checks(MlflowClient(tracking_uri=tracking_uri), self._trial_runs[trial], splits)
 
         def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
             if "epoch" not in result:

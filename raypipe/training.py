@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,9 +150,8 @@ def run(
     check_peft(cfg.model, cfg.task)  # model.peft against the architecture
     if splits is None:
         splits = load_splits(cfg.data, cfg.task)
-        for note in splits.notes:
-            print(f"[raypipe] data: {note}")
-        print(f"[raypipe] data: {splits.summary()}")
+        splits.measure_lengths(cfg.model.name, cfg.data.max_length)
+        print(splits.report())
 
     from raypipe.runtime import check_fits, cpus_per_worker, ensure_ray, resolve_use_gpu
 
@@ -177,8 +177,14 @@ def run(
         cfg, splits, datasets, use_gpu=use_gpu, run_name=run_name, callbacks=callbacks, train_loop=train_loop
     )
     t0 = time.perf_counter()
+    from raypipe import console
+
+    # Epoch lines for a tracked run on workers; a sweep's trials have Tune's board, local mode prints itself.
+    watch = track and cfg.scaling.num_workers > 0 and "://" not in cfg.resolved_storage_path
     try:
-        result = trainer.fit()
+        with console.EpochWatcher(str(Path(cfg.resolved_storage_path) / run_name), cfg.train.metric,
+                                  cfg.train.epochs) if watch else nullcontext():
+            result = trainer.fit()
     except Exception as exc:
         outcome = _failed(cfg, run_name, exc)
         if mlflow_run:
@@ -246,7 +252,10 @@ def _failed(cfg: RaypipeConfig, run_name: str, exc: Exception) -> str | None:
     try:
         import ray.train
 
-        res = ray.train.Result.from_path(str(Path(cfg.resolved_storage_path) / run_name))
+        from raypipe import console
+
+        with console.hushed("ray.train"):  # raypipe reading its own run is no "run snapshot" news
+            res = ray.train.Result.from_path(str(Path(cfg.resolved_storage_path) / run_name))
         best = res.get_best_checkpoint(cfg.train.metric, cfg.train.resolved_mode) if res.best_checkpoints else None
         return best.path if best else None
     except Exception:  # the run may have died before writing anything

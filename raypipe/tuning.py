@@ -187,16 +187,19 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
     check_peft(cfg.model, cfg.task)  # model.peft against the architecture
     if splits is None:
         splits = load_splits(cfg.data, cfg.task)
-        print(f"[raypipe] data: {splits.summary()}")
+        splits.measure_lengths(cfg.model.name, cfg.data.max_length)
+        print(splits.report())
 
     import ray
     from ray import tune
 
     from raypipe import training
     from raypipe.runtime import ensure_ray, resolve_use_gpu
+    from raypipe import console
     from raypipe.tracking import (
         configure,
         finish_sweep_run,
+        log_data_checks,
         start_sweep_run,
         trial_logger,
     )
@@ -213,6 +216,7 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
         sweep_name = cfg.tune.name or f"{cfg.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         sweep_path = Path(cfg.resolved_storage_path) / sweep_name
         parent_run_id = start_sweep_run(cfg, client, exp_id, sweep_name, splits.fingerprint)
+        log_data_checks(client, parent_run_id, splits)
         sweep_path.mkdir(parents=True, exist_ok=True)
         (sweep_path / SWEEP_FILE).write_text(json.dumps({"parent_run_id": parent_run_id}))
 
@@ -234,14 +238,23 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
         {"cpu": TRIAL_DRIVER_CPU},
     )
     metric, mode = cfg.tune.metric, cfg.tune.resolved_mode
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    board = console.SweepBoard(metric, mode, cfg.train.epochs, trial_count(cfg), n)
     run_config = tune.RunConfig(
         name=sweep_name,
         storage_path=cfg.resolved_storage_path,
-        callbacks=[trial_logger(cfg.resolved_tracking_uri, cfg.tracking.experiment, parent_run_id)],
+        # CSV/JSON given here and TUNE_DISABLE_AUTO_CALLBACK_LOGGERS below: Tune's results files
+        # without its TensorBoard logger (and its "To visualize your results" hint): runs are in MLflow.
+        callbacks=[trial_logger(cfg.resolved_tracking_uri, cfg.tracking.experiment, parent_run_id, splits),
+                   CSVLoggerCallback(), JsonLoggerCallback(), console.tune_callback(board)],
         failure_config=tune.FailureConfig(max_failures=0),
-        verbose=1,
+        verbose=1 if console.verbose() else 0,  # Tune's status tables leave out the metric; the board has it
     )
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME")}
+    quiet = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", **console.tune_env()}
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME",
+                                                 *quiet)}
+    os.environ.update(quiet)
     try:
         if resume:
             tuner = tune.Tuner.restore(str(sweep_path), trainable=trainable, resume_errored=True)
@@ -259,7 +272,8 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
                 ),
                 run_config=run_config,
             )
-        grid = tuner.fit()
+        with board:
+            grid = tuner.fit()
     finally:
         for k, v in saved_env.items():  # MLflowLoggerCallback exports these; don't leak them
             if v is None:
@@ -319,6 +333,8 @@ def _search_alg(cfg: RaypipeConfig, metric: str, mode: str) -> Any:
 def _collect(cfg: RaypipeConfig, grid: Any, sweep_name: str, sweep_path: str, parent_run_id: str) -> TuneResult:
     import ray.train
 
+    from raypipe import console
+
     metric, mode = cfg.tune.metric, cfg.tune.resolved_mode
     trials = []
     for res in grid:
@@ -343,7 +359,8 @@ def _collect(cfg: RaypipeConfig, grid: Any, sweep_name: str, sweep_path: str, pa
     best_value = None
     if best:
         # Tune's own Result has no checkpoint in this pattern; the trial's Train run keeps its best-k.
-        train_result = ray.train.Result.from_path(best["train_run"])
+        with console.hushed("ray.train"):  # raypipe reading its own finished run is no "run snapshot" news
+            train_result = ray.train.Result.from_path(best["train_run"])
         ckpt = train_result.get_best_checkpoint(metric, mode) if train_result.best_checkpoints else None
         if ckpt is not None:
             from raypipe.training import local_dir

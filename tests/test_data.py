@@ -583,3 +583,85 @@ def test_a_registered_version_and_the_pipeline_summary_say_how_much_of_the_test_
     assert "WARNING         7 of 20 test examples also occur in training" in summary
     clean = load_splits(cfg(**_leaky(tmp_path), dedupe="across"))
     assert "WARNING" not in PipelineResult(cfg=config, data_checks=clean.checks).summary()
+
+
+# --- the data-check report: labels, truncation, empty texts, the overlap threshold, MLflow ---
+
+
+def _report_files(tmp_path: Path) -> dict[str, str]:
+    """Train: 30 x 'a', 10 x 'b', of which 4 texts are long (40 words) and 2 are only
+    punctuation; test: 10 rows, 2 of them training texts again."""
+    rows = [(f"short text {i}", "a") for i in range(26)] + [(" ".join(["word"] * 40) + f" {i}", "a") for i in range(4)]
+    rows += [(f"other text {i}", "b") for i in range(8)] + [("...", "b"), ("-- !", "b")]
+    train = pd.DataFrame(rows, columns=["text", "label"])
+    test = pd.DataFrame([(f"fresh {i}", "ab"[i % 2]) for i in range(8)] + [("short text 1", "a"), ("short text 2", "a")],
+                        columns=["text", "label"])
+    val = pd.DataFrame([(f"held out {i}", "ab"[i % 2]) for i in range(6)], columns=["text", "label"])
+    return {"path": str(write_csv(tmp_path / "train.csv", train)),
+            "validation_path": str(write_csv(tmp_path / "val.csv", val)),
+            "test_path": str(write_csv(tmp_path / "test.csv", test))}
+
+
+def test_the_report_shows_labels_per_split_truncated_share_and_texts_empty_after_normalisation(tmp_path, tiny_model_dir):
+    splits = load_splits(cfg(**_report_files(tmp_path)))
+    assert splits.checks["labels"]["train"] == {"a": 30, "b": 10}
+    assert splits.checks["labels"]["test"] == {"a": 6, "b": 4}
+    assert splits.checks["empty_after_normalisation"] == {"train": 2, "val": 0, "test": 0}
+    splits.measure_lengths(str(tiny_model_dir), max_length=16)
+    truncated = splits.checks["truncated"]
+    assert truncated["max_length"] == 16
+    assert truncated["train"] == pytest.approx(4 / 40) and truncated["val"] == 0 and truncated["test"] == 0
+    report = splits.report()
+    assert "labels train a 75%, b 25%" in report
+    assert "truncated at max_length 16: train 10.0%, val 0.0%, test 0.0%" in report
+    assert "texts with no letter or digit" in report and "train 2" in report
+    assert "2 of 10 test examples (20.0%) also occur in training" in report
+    assert len(report.splitlines()) <= 12  # one short block
+
+
+def test_a_test_train_overlap_within_the_threshold_is_no_warning_and_above_it_is_one(tmp_path, tiny_checkpoint):
+    from mlflow.tracking import MlflowClient
+
+    from raypipe.config import config_from_dict
+    from raypipe.pipeline import PipelineResult
+    from raypipe.registration import register_checkpoint
+
+    files = _report_files(tmp_path)
+    config = config_from_dict({"workdir": str(tmp_path / "work")})
+    uri = config.resolved_tracking_uri
+    below = load_splits(cfg(**files, test_overlap_threshold=0.25)).checks  # 20% overlap
+    assert below["test_overlap_share"] == pytest.approx(0.2) and not below["test_overlap_warning"]
+    assert "WARNING" not in PipelineResult(cfg=config, data_checks=below).summary()
+    above = load_splits(cfg(**files, test_overlap_threshold=0.1)).checks
+    assert above["test_overlap_warning"]
+    assert "WARNING         2 of 10 test examples also occur in training (20.0%, above" in PipelineResult(
+        cfg=config, data_checks=above).summary()
+    versions = {}
+    for name, checks in (("below", below), ("above", above)):
+        reg = register_checkpoint(tiny_checkpoint, config, name=name, metrics={"test_macro_f1": 0.5}, data_checks=checks)
+        versions[name] = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(name, reg.version).tags
+    assert "raypipe.data.test_overlap_warning" not in versions["below"]
+    assert versions["above"]["raypipe.data.test_overlap_warning"].startswith("20.0%")
+
+
+def test_the_data_checks_are_params_and_an_artifact_of_the_training_run(tmp_path, tiny_model_dir):
+    from mlflow.tracking import MlflowClient
+
+    from raypipe.config import config_from_dict
+    from raypipe.tracking import start_training_run
+
+    files = _report_files(tmp_path)
+    config = config_from_dict({"workdir": str(tmp_path / "work"), "model": {"name": str(tiny_model_dir)},
+                               "data": {**files, "max_length": 16}})
+    splits = load_splits(config.data)
+    splits.measure_lengths(config.model.name, config.data.max_length)
+    run_id = start_training_run(config, splits, "report-run")
+    client = MlflowClient(tracking_uri=config.resolved_tracking_uri)
+    params = client.get_run(run_id).data.params
+    assert params["data.check.test_in_train"] == "2"
+    assert params["data.check.test_overlap_share"] == "0.2000"
+    assert json.loads(params["data.check.labels.train"]) == {"a": 30, "b": 10}
+    assert params["data.check.truncated.train"] == "0.1000"
+    assert json.loads(params["data.check.empty_after_normalisation"])["train"] == 2
+    text = Path(client.download_artifacts(run_id, "data_check.txt", str(tmp_path))).read_text()
+    assert text.strip() == splits.report().strip()

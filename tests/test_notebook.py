@@ -6,6 +6,7 @@ a user would run it. The notebook is stored without outputs, so a diff shows cod
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
+NOTEBOOK_MAX_LINES = 90  # the summaries the cells print, the data report, stage and epoch lines
 
 
 def _free_port() -> int:
@@ -79,6 +81,12 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, tiny_model_dir, toy_cs
     assert len(tables) >= 4  # data, runs, history, trials, predictions
     text = "".join(o.get("text", "") for o in outputs)
     assert "served by" in text and text.rstrip().endswith(f"raypipe ui --config {config}")
+    # As quiet as `raypipe run`: raypipe's lines only; Ray's and the workers' output is in the log file.
+    noise = re.compile(r"\(\w+ pid=\d+|\(raylet\)|Trial status|View detailed results|TensorBoard|run snapshot|"
+                       r"INFO |it/s\]|DeprecationWarning|Started a local Ray")
+    assert not noise.search(text), noise.search(text).group(0)
+    assert len(text.splitlines()) <= NOTEBOOK_MAX_LINES, text
+    assert list((tmp_path / "work" / "logs").glob("*.log"))
 
     # What the notebook did is in the MLflow store: train, evaluate, sweep runs and a champion.
     store = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
