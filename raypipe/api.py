@@ -372,14 +372,20 @@ def warm_up(predictor: Predictor) -> None:
     """
     from raypipe.predict import check_finite
 
-    check_finite(predictor.predict(predictor.warmup_inputs()))
+    check_finite(predictor.predict(predictor.warmup_inputs(), **_quick(predictor)))
+
+
+def _quick(predictor: Predictor) -> dict[str, Any]:
+    # A language model answers with a generation: two new tokens show it works (and that its
+    # longest prompt fits) without a health check waiting for max_new_tokens of them.
+    return {"max_new_tokens": 2} if "max_new_tokens" in predictor.schema else {}
 
 
 def probe(predictor: Predictor) -> None:
     """A tiny real prediction whose answer must hold no NaN or inf (health checks)."""
     from raypipe.predict import check_finite
 
-    check_finite(predictor.predict(predictor.warmup_inputs()[:1]))
+    check_finite(predictor.predict(predictor.warmup_inputs()[:1], **_quick(predictor)))
 
 
 class ModelSlot:

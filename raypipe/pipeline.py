@@ -168,11 +168,18 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
             picks = _sample(splits.test, task, samples, cfg.data.split_seed)
             schema = out.evaluation.schema
             field = {"pair": "pairs", "tokens": "tokens"}.get(str(schema.get("inputs")), "texts")
-            answer = predict_http(served.url, [inp for inp, _ in picks], token=_token(cfg), field=field)
+            if splits.task == "sft":  # a language model answers on its OpenAI chat route
+                max_tokens = min(int(schema.get("max_new_tokens") or 128), cfg.serve.max_tokens)
+                answer = {"predictions": _chat_http(served.url, [inp for inp, _ in picks], _token(cfg), max_tokens)}
+            else:
+                answer = predict_http(served.url, [inp for inp, _ in picks], token=_token(cfg), field=field)
             for (inp, expected), p in zip(picks, answer["predictions"]):
                 predicted = task.describe(p, schema)
                 shown_true, ok = task.judge(expected, p, schema)
-                text = inp if isinstance(inp, str) else (" / " if isinstance(inp, tuple) else " ").join(inp)
+                if isinstance(inp, list) and inp and isinstance(inp[0], dict):  # chat turns (sft)
+                    text = " / ".join(f"{m['role']}: {m['content']}" for m in inp)
+                else:
+                    text = inp if isinstance(inp, str) else (" / " if isinstance(inp, tuple) else " ").join(inp)
                 out.samples.append({"input": text, "expected": shown_true, "predicted": predicted, "ok": ok,
                                     "prediction": p})
         finally:
@@ -184,6 +191,26 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
         lap("serve")
     if started and ray.is_initialized():
         ray.shutdown()
+    return out
+
+
+def _chat_http(url: str, prompts: list[Any], token: str | None, max_tokens: int) -> list[dict[str, Any]]:
+    """Greedy answers of a served language model through ``POST /v1/chat/completions``, one
+    request per prompt (a string is one user turn; a list is the chat's turns)."""
+    import httpx
+
+    from raypipe.errors import RaypipeError
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    model = httpx.get(f"{url}/v1/models", headers=headers, timeout=60).json()["data"][0]["id"]
+    out = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        r = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=600,
+                       json={"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        if r.status_code != 200:
+            raise RaypipeError(f"the served model answered {r.status_code}: {r.text[:300]}")
+        out.append({"generation": r.json()["choices"][0]["message"]["content"].strip()})
     return out
 
 

@@ -188,3 +188,19 @@ def test_predict_still_answers_for_a_language_model(server):
                    timeout=60)
     assert r.status_code == 200, r.text
     assert isinstance(r.json()["predictions"][0]["generation"], str)
+
+
+def test_warm_up_and_health_probe_of_a_language_model_generate_only_a_token_or_two(server, monkeypatch):
+    from raypipe.api import probe, warm_up
+
+    seen: list[int] = []
+    real = server.predictor.task.predict
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("max_new_tokens"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server.predictor.task, "predict", spy)
+    warm_up(server.predictor)
+    probe(server.predictor)
+    assert seen == [2, 2]

@@ -50,7 +50,8 @@ def lm_served(ray_local, tiny_lm_dir, tmp_path_factory):
     cfg = config_from_dict({
         "workdir": str(root / "work"),
         "serve": {"port": _free_port(), "app_name": "sft-openai", "adapters": [str(b)], "max_tokens": 32,
-                  "batch_wait_timeout_s": 0.02},
+                  # a batch waits 0.1 s to fill, so that the concurrent requests below meet in one loop
+                  "batch_wait_timeout_s": 0.1},
     })
     want = {"chat-a": _offline(a, 10), "chat-b": _offline(b, 10)}
     served = deploy(cfg, str(a), ready_timeout_s=240)
