@@ -101,8 +101,9 @@ class DataConfig(_Section):
     max_new_tokens: int = Field(128, ge=1, le=8192, description="sft: tokens generated per answer by "
                                 "default (evaluation samples, predictions); stored with the model.")
     bad_rows: Literal["error", "skip"] = Field(
-        "error", description="sft: a row without a response, with an unknown role or empty content is an "
-        "error naming its file and row (`error`), or dropped and counted in a warning (`skip`).")
+        "error", description="sft: a row without a response, with an unknown role or empty content, or whose "
+        "prompt leaves no response token within max_length is an error naming its file and row (`error`), "
+        "or dropped and counted in a warning (`skip`).")
     generation_samples: int = Field(16, ge=0, description="sft: held-out prompts answered (greedy) at "
                                     "evaluation for exact match / ROUGE-L and the MLflow table; 0: none.")
     dedupe: Literal["none", "within", "across"] = Field(

@@ -5,8 +5,9 @@ which only know MLflow (``mlflow.pyfunc.load_model("models:/name/3")``, ``mlflow
 batch scoring with ``spark_udf``) can use it without knowing raypipe's layout. The pyfunc is a
 thin wrapper: it loads the same :class:`~raypipe.predict.Predictor` that serving and evaluation
 use, so every path returns the same answers. Its signature comes from the task: the input is a
-``text`` column (``text`` + ``text_pair`` for a pair model), the output one column per field of
-the task's prediction (``label``/``score``/``probabilities``, ``labels``/``scores``, ``value``).
+``text`` column (``text`` + ``text_pair`` for a pair model; ``prompt`` for an sft model), the
+output one column per field of the task's prediction (``label``/``score``/``probabilities``,
+``labels``/``scores``, ``value``, ``generation``).
 
 Saved with MLflow's "models from code": the model dir holds a three-line Python entry file
 instead of a cloudpickled object, so loading never unpickles anything; the weights themselves

@@ -200,3 +200,18 @@ def test_bad_config_and_missing_data_fail_before_any_ray_work(run_example):
     # csv.yaml points at files the user is meant to replace: the real stage says which is missing.
     code, _, err = run_example("train.py", "--config", str(EXAMPLES / "configs" / "csv.yaml"))
     assert code == 2 and "data/news/train.csv" in err
+
+
+def test_sft_examples_read_alpaca_in_place_and_name_their_models(data_dir):
+    tiny = load_config(EXAMPLES / "configs" / "alpaca_sft.yaml")
+    hub = load_config(EXAMPLES / "configs" / "alpaca_sft_hub.yaml")
+    for cfg in (tiny, hub):
+        assert cfg.task == "sft" and cfg.data.path == f"{data_dir}/alpaca/alpaca_data.json"
+        assert cfg.train.metric == "val_loss" and cfg.data.bad_rows == "skip"
+    # the CPU example trains the tiny model examples/tiny_lm.py builds, in full (random init)
+    assert tiny.model.name == "raypipe-work/tiny-lm" and tiny.model.peft is None
+    assert "python examples/tiny_lm.py --out raypipe-work/tiny-lm" in (EXAMPLES / "configs" / "alpaca_sft.yaml").read_text()
+    # the hub example: a real instruct model with LoRA on its attention projections
+    assert hub.model.name == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert hub.model.peft is not None and hub.model.peft.target_modules == "auto"
+    assert hub.train.gradient_checkpointing and hub.data.packing

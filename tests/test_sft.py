@@ -131,6 +131,8 @@ def test_a_prompt_that_leaves_no_room_for_the_response_is_an_error(tmp_path, tok
                              {"prompt": "word " * 80, "response": "fine"}], tmp_path)
     with pytest.raises(DataError, match=rf"{path}: row 2: the prompt takes \d+ tokens, leaving no response"):
         TASK.encode(tok, frame, {"packing": False}, 32)
+    skipped = TASK.encode(tok, frame, {"packing": False, "bad_rows": "skip"}, 32)
+    assert len(skipped["length"]) == 1  # data.bad_rows: skip drops it instead
     # a long response is cut, not refused
     n = len(sft.prompt_ids(tok, "ok")) + 2
     rows = TASK.encode(tok, frame.iloc[:1], {"packing": False}, n)

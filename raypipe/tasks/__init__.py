@@ -105,7 +105,12 @@ class Task(Protocol):
 
     # --- model and metrics ---
     # Optional (not part of the protocol check): ``init_head(model, schema)`` adjusts the fresh
-    # head after ``from_pretrained`` (multi_label starts each output at its label's frequency).
+    # head after ``from_pretrained`` (multi_label starts each output at its label's frequency);
+    # ``prepare(model, tokenizer)`` runs after every build and load (sft: chat template, no KV
+    # cache); ``held_out(predictor, frame, scores) -> Scores`` adds held-out-only scores (sft:
+    # generations; a ``details["tables"]`` entry is logged as an MLflow table); ``epoch_metrics``
+    # limits what train.metric/tune.metric may name; ``default_peft`` turns LoRA on unless
+    # ``model.peft: false``; ``input_column`` names the pyfunc's input column.
     def model_kwargs(self, schema: Mapping[str, Any]) -> dict[str, Any]: ...
     def accumulator(self, schema: Mapping[str, Any], *, fit: bool) -> Accumulator: ...
 

@@ -31,7 +31,8 @@ Without packing, rows are padded and batches are grouped by length (``train.leng
 
 Bad rows (no response, an unknown role, empty content, a prompt that leaves no room for any
 response token within ``max_length``) are errors naming the file and row; ``data.bad_rows: skip``
-drops the first three kinds with a warning instead (Alpaca has 4 records with empty outputs).
+drops them with a warning instead (Alpaca has 4 records with empty outputs, and prompts longer
+than a small ``max_length``).
 
 Held-out evaluation also generates (greedy) answers for a fixed sample of
 ``data.generation_samples`` test prompts and scores them with exact match and ROUGE-L (LCS on
@@ -324,7 +325,7 @@ class SFTTask:
 
     def schema(self, train: Any, cfg: Any) -> dict[str, Any]:
         return {"inputs": "chat", "packing": bool(cfg.packing), "max_new_tokens": int(cfg.max_new_tokens),
-                "generation_samples": int(cfg.generation_samples)}
+                "generation_samples": int(cfg.generation_samples), "bad_rows": cfg.bad_rows}
 
     def check(self, frame: Any, schema: Mapping[str, Any], role: str, where: str) -> None:
         return None
@@ -335,7 +336,7 @@ class SFTTask:
     def encode(self, tokenizer: Any, frame: Any, schema: Mapping[str, Any], max_length: int) -> dict[str, Any]:
         import numpy as np
 
-        sequences = []
+        sequences, too_long = [], []
         for msgs, response, row, source in zip(frame["messages"], frame["label"],
                                                 frame.get("row", range(1, len(frame) + 1)),
                                                 frame.get("source", ["data"] * len(frame))):
@@ -345,10 +346,16 @@ class SFTTask:
             except ValueError as exc:
                 raise DataError(f"{source}: row {row}: {exc}") from None
             fitted = _fit(ids, labels, max_length)
+            if fitted is None and schema.get("bad_rows") == "skip":
+                too_long.append(f"{source}: row {row}")
+                continue
             if fitted is None:
                 raise DataError(f"{source}: row {row}: the prompt takes {sum(1 for x in labels if x == IGNORE)} "
                                 f"tokens, leaving no response token within data.max_length={max_length}")
             sequences.append(fitted)
+        if too_long:
+            log.warning("skipped %d example(s) whose prompt leaves no response token within max_length=%d "
+                        "(data.bad_rows: skip), e.g. %s", len(too_long), max_length, too_long[0])
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         groups = pack(sequences, max_length) if schema.get("packing") else [[i] for i in range(len(sequences))]
         n = len(groups)

@@ -252,3 +252,42 @@ def test_sigkill_with_no_retries_left_ends_the_mlflow_run_failed_and_keeps_the_b
         "mlflow_status": runs[0].info.status, "error": tags["raypipe.error"][:160], "best_checkpoint_epoch": 1,
         "wall_s": round(kill.wall_s, 1),
     }))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_of_sft_with_lora_and_gradient_checkpointing_resumes_like_the_uninterrupted_run(
+    ray_local, tiny_lm_dir, tmp_path, capfd
+):
+    """task sft (a causal LM, LoRA by default, gradient checkpointing): the restarted group loads
+    the epoch-1 adapter and optimizer state and ends at the validation loss of the run without
+    the kill."""
+    from raypipe.training import run
+    from tests.conftest import SFT_PAIRS
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in SFT_PAIRS * 24))
+
+    def cfg(name: str):
+        return config_from_dict({
+            "task": "sft", "workdir": str(tmp_path / name),
+            "data": {"path": str(data), "max_length": 48},
+            "model": {"name": str(tiny_lm_dir)},
+            "train": {"epochs": EPOCHS, "batch_size": 4, "lr": 1e-2, "warmup_ratio": 0.0, "keep_checkpoints": 1,
+                      "gradient_checkpointing": True},
+            "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 0.5, "max_failures": 1},
+        })
+
+    killed = cfg("sft-killed")
+    kill = Kill(killed, tmp_path, "sft-killed-run")
+    result = kill.run()
+    kill.check_killed_mid_epoch_2()
+    restarts = kill.restarts()
+    assert sorted(e["rank"] for e in restarts) == [0, 1] and all(e["resumed"] and e["epoch"] == 1 for e in restarts)
+    assert "resumed from the checkpoint of epoch 1" in capfd.readouterr().out
+    assert [h["epoch"] for h in result.history] == list(range(1, EPOCHS + 1))
+    assert (Path(result.best_checkpoint) / "adapter_model.safetensors").is_file()
+    base = run(cfg("sft-baseline"))
+    loss, base_loss = result.history[-1]["val_loss"], base.history[-1]["val_loss"]
+    print("\nRELIABILITY worker-kill-sft", json.dumps({"final_val_loss": loss, "baseline_final_val_loss": base_loss}))
+    assert abs(loss - base_loss) <= 0.01, (loss, base_loss)
+    assert loss < result.history[0]["val_loss"]
