@@ -84,7 +84,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from raypipe.loop import train_loop_per_worker
-    from raypipe.runtime import WORKER_ENV, worker_resources
+    from raypipe.runtime import WORKER_ENV, start_retries, worker_resources
 
     tree = cfg.model_dump(mode="json")
     loop_config = {"cfg": tree, "schema": splits.schema, "fingerprint": splits.fingerprint,
@@ -102,7 +102,11 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=cfg.resolved_storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.scaling.max_failures,
+                # Ray retries a worker group that cannot be placed for ever; bound it.
+                controller_failure_limit=start_retries(cfg),
+            ),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=cfg.train.metric,
@@ -177,9 +181,15 @@ def run(
         cfg, splits, datasets, use_gpu=use_gpu, run_name=run_name, callbacks=callbacks, train_loop=train_loop
     )
     t0 = time.perf_counter()
+    from raypipe.runtime import own_signal_handlers
+
     try:
-        result = trainer.fit()
+        with own_signal_handlers():  # Ray Train's SIGINT handler would outlive the run
+            result = trainer.fit()
     except Exception as exc:
+        from raypipe.runtime import unplaced_workers
+
+        exc = unplaced_workers(cfg, exc, use_gpu)
         outcome = _failed(cfg, run_name, exc)
         if mlflow_run:
             from raypipe.tracking import fail_training_run

@@ -259,7 +259,10 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
                 ),
                 run_config=run_config,
             )
-        grid = tuner.fit()
+        from raypipe.runtime import own_signal_handlers
+
+        with own_signal_handlers():  # Tune's SIGINT/SIGUSR1 handlers outlive the sweep
+            grid = tuner.fit()
     finally:
         for k, v in saved_env.items():  # MLflowLoggerCallback exports these; don't leak them
             if v is None:
