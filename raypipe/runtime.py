@@ -210,7 +210,7 @@ def held_by(limit: int = 6) -> str:
         from ray.util.state import list_actors
 
         gcs = ray.get_runtime_context().gcs_address
-        for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], limit=1000, timeout=5):
+        for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], limit=1000, timeout=10, detail=True):
             cpu = float((a.required_resources or {}).get("CPU", 0))
             if cpu and not a.placement_group_id:  # actors in a placement group are counted above
                 holders[a.class_name] = holders.get(a.class_name, 0) + cpu
