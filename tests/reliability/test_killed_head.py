@@ -34,22 +34,37 @@ def _pids_under(marker: str) -> list[int]:
     return [p for p in pids if p != os.getpid()]
 
 
+def _kill_all(marker: str) -> None:
+    for pid in _pids_under(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    while _pids_under(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def test_after_a_sigkilled_head_raypipe_starts_a_new_local_ray_with_a_message(tiny_config, tmp_path):
     tmp = Path(tempfile.mkdtemp(prefix="rpk-", dir="/tmp"))  # short: Ray's socket paths
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(tmp)}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
-                    "--num-cpus=1", "--include-dashboard=false"],
-                   env=env, check=True, capture_output=True, timeout=300)
-    current = (tmp / "ray" / "ray_current_cluster").read_text().strip()
-    assert current.endswith(f":{port}")
-    for pid in _pids_under(str(tmp)):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while _pids_under(str(tmp)) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    try:
+        for attempt in range(3):  # on a loaded machine Ray's own node start can time out
+            started = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1",
+                                      "--include-dashboard=false"], env=env, capture_output=True, text=True,
+                                     timeout=300)
+            if started.returncode == 0:
+                break
+            _kill_all(str(tmp))
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        current = (tmp / "ray" / "ray_current_cluster").read_text().strip()
+        assert current.endswith(f":{port}")
+    finally:
+        _kill_all(str(tmp))  # the head dies as the OOM killer kills it: SIGKILL, no cleanup
 
     tree = tiny_config.model_dump(mode="json")
     tree["train"]["epochs"] = 1
@@ -60,6 +75,7 @@ def test_after_a_sigkilled_head_raypipe_starts_a_new_local_ray_with_a_message(ti
     proc = subprocess.run([sys.executable, "-m", "raypipe.cli", "train", str(tmp_path / "cfg.yaml")],
                           env=env, capture_output=True, text=True, timeout=600)
     took = time.monotonic() - start
+    _kill_all(str(tmp))  # anything of this test's Rays that outlived the command
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"the Ray cluster last started on this machine ({current}) no longer answers" in proc.stdout
     print(f"RELIABILITY killed_head {{'train_s': {took:.1f}}}")
