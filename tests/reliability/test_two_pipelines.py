@@ -29,7 +29,9 @@ def _tree(tiny_config, work: Path) -> dict:
     tree = tiny_config.model_dump(mode="json")
     tree["workdir"] = str(work)
     tree["train"]["epochs"] = 2
-    tree["tune"] = {"search_space": {"train.lr": {"grid": [1e-7, 1e-2, 3e-3]}}, "search_alg": "grid", "max_concurrent_trials": 1,
+    # One trial at a time, the untrained-like lr first: ASHA then stops the collapsing lr 1e-2 trial.
+    tree["tune"] = {"search_space": {"train.lr": {"grid": [1e-7, 1e-2, 3e-3]}}, "search_alg": "grid",
+                    "max_concurrent_trials": 1,
                     "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}}
     tree["ray"] = {"address": "local", "num_cpus": 2, "include_dashboard": True}
     tree["serve"] = {"port": _free_port()}
