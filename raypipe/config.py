@@ -274,6 +274,10 @@ class ScalingConfig(_Section):
         description="On autoscaling clusters: wait for nodes to join instead of failing fast when "
         "the workers (or a GPU) do not fit the cluster as it is now.",
     )
+    start_timeout_s: float = Field(
+        300.0, gt=0, description="How long the workers may wait to be placed (resources held by "
+        "other runs or apps) before the run fails saying what is missing; unbounded with "
+        "wait_for_resources.")
 
     @field_validator("cpus_per_worker")
     @classmethod
@@ -387,6 +391,9 @@ class ServeConfig(_Section):
     auth_token_env: str | None = Field(
         None, description="Name of the env var holding the bearer token; unset = no auth."
     )
+    deploy_timeout_s: float = Field(
+        300.0, gt=0, description="How long a deploy (or model swap) may wait for its replicas to "
+        "be placed and healthy before it gives up and says what the cluster lacks.")
 
     @field_validator("route_prefix")
     @classmethod

@@ -492,12 +492,42 @@ def _replica_settings(cfg: RaypipeConfig, uri: str, tracking_uri: str | None) ->
 
 
 def build_app(cfg: RaypipeConfig, model_uri: str, *, tracking_uri: str | None = None,
-              revision: str | None = None) -> Any:
-    """The Serve application (``RaypipeModel.bind(...)``) for ``model_uri`` under ``cfg.serve``."""
+              revision: str | None = None, version: str | None = None) -> Any:
+    """The Serve application (``RaypipeModel.bind(...)``) for ``model_uri`` under ``cfg.serve``.
+    ``version``: the deployment's code version (see :func:`_shape`); Serve reloads replicas of
+    an unchanged version in place (``reconfigure``) and replaces those of a new one."""
     uri = _normalise_uri(model_uri)
     settings, tracking_uri = _replica_settings(cfg, uri, tracking_uri)
     spec = ModelSpec(model_uri=uri, tracking_uri=tracking_uri, revision=revision)
-    return RaypipeModel.options(**deployment_options(cfg.serve, spec)).bind(settings)
+    opts = deployment_options(cfg.serve, spec)
+    if version is None:
+        return RaypipeModel.options(**opts).bind(settings)
+    return RaypipeModel.options(**opts, _internal=True, version=version).bind(settings)
+
+
+def _shape(cfg: RaypipeConfig, model_uri: str) -> str:
+    """A digest of everything of a deployment but its model: replicas of the same shape can load
+    another model in place (the version's prefix; a random suffix makes each deploy new)."""
+    import hashlib
+
+    settings, _ = _replica_settings(cfg, _normalise_uri(model_uri), None)
+    opts = deployment_options(cfg.serve, ModelSpec(model_uri="-"))
+    opts.pop("user_config")
+    blob = json.dumps([settings, opts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _running_version(app_name: str) -> str | None:
+    """The code version of the app's running deployment, None when there is none."""
+    try:
+        from ray.serve.context import _get_global_client  # private: no public accessor
+
+        status = serve.status().applications.get(app_name)
+        if status is None or status.status.value != "RUNNING":
+            return None
+        return _get_global_client().get_deployment_info(DEPLOYMENT_NAME, app_name)[0].version
+    except Exception:  # noqa: BLE001
+        return None
 
 
 class AppArgs(BaseModel):
@@ -601,6 +631,47 @@ def _watch_status(app_name: str, progress: Callable[[str], None], stop: threadin
             last = line
 
 
+def _wait_running(s: ServeConfig, model_uri: str, *, swap: bool, room: str | None) -> None:
+    """Wait (at most ``serve.deploy_timeout_s``) for the app to run; on giving up, say what the
+    cluster lacks instead of waiting for ever for replicas it cannot place."""
+    deadline = time.monotonic() + s.deploy_timeout_s
+    while True:
+        status = serve.status().applications.get(s.app_name)
+        state = status.status.value if status else "NOT_STARTED"
+        if state == "RUNNING":
+            return
+        if state == "DEPLOY_FAILED":  # (as Serve's own wait: UNHEALTHY may still recover)
+            raise RuntimeError(status.message or state)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    from raypipe.runtime import room_for
+
+    replicas = s.num_replicas if s.autoscaling is None else s.autoscaling.min_replicas
+    fits, now = room_for({"CPU": 1.0, "GPU": float(_gpus_per_replica(s.use_gpu))}, replicas)
+    detail = "" if fits else f": {room or now}"
+    hint = ("; a swap needs room for the old and the new replica at once — free a CPU, lower "
+            "serve.num_replicas, or change only the model (same serve settings) so the running "
+            "replicas reload it in place" if swap else
+            "; free a CPU (stop another app or run), lower serve.num_replicas, or add a node")
+    raise RaypipeError(
+        f"deploying {model_uri} as '{s.app_name}' did not finish in {s.deploy_timeout_s:g} s "
+        f"(serve.deploy_timeout_s), app {state}{detail}" + (hint if not fits else
+        f"; Serve says: {_status_words(status)}")
+    )
+
+
+def _status_words(status: Any) -> str:
+    if status is None:
+        return "the app does not exist"
+    parts = [status.message] if status.message else []
+    for name, dep in status.deployments.items():
+        states = ", ".join(f"{n} {s}" for s, n in sorted(dep.replica_states.items()))
+        parts.append(f"{name} {dep.status.value}" + (f" ({states})" if states else "")
+                     + (f": {dep.message}" if dep.message else ""))
+    return "; ".join(parts) or "no message"
+
+
 def _wait_ready(url: str, token: str | None, timeout_s: float) -> None:
     import httpx
 
@@ -639,18 +710,33 @@ def deploy(cfg: RaypipeConfig, model_uri: str | None = None, blocking: bool = Fa
         _check_source(_normalise_uri(source))
     token = resolve_token(s)  # fail here, not in every replica, when the variable is unset
     start = time.perf_counter()
-    from raypipe.runtime import ensure_ray
+    from raypipe.runtime import ensure_ray, room_for
 
     started_ray = ensure_ray(cfg)
     serve.start(http_options={"host": s.host, "port": s.port})
-    application = build_app(cfg, model_uri, revision=revision)
+    shape = _shape(cfg, model_uri)
+    running = _running_version(s.app_name)
+    replicas = s.num_replicas if s.autoscaling is None else s.autoscaling.min_replicas
+    per_replica = {"CPU": 1.0, "GPU": float(_gpus_per_replica(s.use_gpu))}
+    fits, room = room_for(per_replica, replicas)
+    in_place = bool(running and running.startswith(f"{shape}:") and not fits)
+    if in_place:
+        # No room for a second set of replicas, and only the model changes: the running
+        # replicas load it in place (reconfigure: the old model answers until the new is warm).
+        say(f"{room}: no room to swap replicas, so the running one(s) load the new model in place")
+        application = build_app(cfg, model_uri, revision=revision or f"reload-{time.time_ns()}",
+                                version=running)
+    else:
+        application = build_app(cfg, model_uri, revision=revision, version=f"{shape}:{time.time_ns()}")
     url = client_url(_running_http(s, say))
     say(f"deploying {model_uri} as '{s.app_name}' ...")
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_status, args=(s.app_name, say, stop), daemon=True)
     watcher.start()
     try:
-        handle = serve.run(application, name=s.app_name, route_prefix=s.route_prefix)
+        handle = serve.run_many([serve.RunTarget(target=application, name=s.app_name, route_prefix=s.route_prefix)],
+                                wait_for_applications_running=False)[0]
+        _wait_running(s, model_uri, swap=bool(running) and not in_place, room=room if not fits else None)
     except RuntimeError as exc:
         tail = "\n".join(str(exc).strip().splitlines()[-12:])
         raise RaypipeError(f"deploying {model_uri} failed:\n{tail}") from None

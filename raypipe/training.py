@@ -85,7 +85,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from raypipe.loop import train_loop_per_worker
-    from raypipe.runtime import WORKER_ENV, worker_resources
+    from raypipe.runtime import WORKER_ENV, start_retries, worker_resources
 
     tree = cfg.model_dump(mode="json")
     loop_config = {"cfg": tree, "schema": splits.schema, "fingerprint": splits.fingerprint,
@@ -103,7 +103,11 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=cfg.resolved_storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.scaling.max_failures,
+                # Ray retries a worker group that cannot be placed for ever; bound it.
+                controller_failure_limit=start_retries(cfg),
+            ),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=cfg.train.metric,
@@ -181,11 +185,17 @@ def run(
 
     # Epoch lines for a tracked run on workers; a sweep's trials have Tune's board, local mode prints itself.
     watch = track and cfg.scaling.num_workers > 0 and "://" not in cfg.resolved_storage_path
+    epochs = (console.EpochWatcher(str(Path(cfg.resolved_storage_path) / run_name), cfg.train.metric, cfg.train.epochs)
+              if watch else nullcontext())
+    from raypipe.runtime import own_signal_handlers
+
     try:
-        with console.EpochWatcher(str(Path(cfg.resolved_storage_path) / run_name), cfg.train.metric,
-                                  cfg.train.epochs) if watch else nullcontext():
+        with own_signal_handlers(), epochs:  # Ray Train's SIGINT handler would outlive the run
             result = trainer.fit()
     except Exception as exc:
+        from raypipe.runtime import unplaced_workers
+
+        exc = unplaced_workers(cfg, exc, use_gpu)
         outcome = _failed(cfg, run_name, exc)
         if mlflow_run:
             from raypipe.tracking import fail_training_run

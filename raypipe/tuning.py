@@ -272,7 +272,9 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
                 ),
                 run_config=run_config,
             )
-        with board:
+        from raypipe.runtime import own_signal_handlers
+
+        with own_signal_handlers(), board:  # Tune's SIGINT/SIGUSR1 handlers outlive the sweep
             grid = tuner.fit()
     finally:
         for k, v in saved_env.items():  # MLflowLoggerCallback exports these; don't leak them

@@ -170,9 +170,14 @@ def ray_local():
     """A real local Ray instance with 2 CPUs for the whole session (never a shared cluster)."""
     import ray
 
+    from raypipe.runtime import worker_runtime_env
+
     # The dashboard hosts the State API, which Ray Train's placement-group cleaner needs to
-    # free the workers of trials that a Tune scheduler stops early.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None)
+    # free the workers of trials that a Tune scheduler stops early; the runtime env is the one
+    # raypipe's own ensure_ray gives a Ray it starts (the cleaner must find *this* cluster when
+    # other Rays run on the machine, or stopped trials' CPUs stay reserved for the session).
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None,
+             runtime_env=worker_runtime_env())
     yield ray
     ray.shutdown()
 

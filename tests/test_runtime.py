@@ -59,3 +59,17 @@ def test_a_dead_cluster_in_rays_current_cluster_file_starts_a_new_local_ray_and_
     assert f"the Ray cluster last started on this machine ({dead}) no longer answers" in proc.stdout
     assert "CPUS 1.0" in proc.stdout
     assert f"- ray.address is {dead}, but no Ray cluster answers there" in proc.stdout
+
+
+def test_worker_placement_wait_is_bounded_by_scaling_start_timeout_s(monkeypatch):
+    """Ray Train retries a worker group it cannot place for ever (controller_failure_limit -1);
+    raypipe bounds the retries by scaling.start_timeout_s, unless wait_for_resources."""
+    from raypipe.config import config_from_dict
+    from raypipe.runtime import start_retries
+
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
+    assert start_retries(config_from_dict({})) == 4  # 300 s = 5 tries of Ray's 60 s
+    assert start_retries(config_from_dict({"scaling": {"start_timeout_s": 30}})) == 0
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+    assert start_retries(config_from_dict({"scaling": {"start_timeout_s": 30}})) == 2
+    assert start_retries(config_from_dict({"scaling": {"wait_for_resources": True}})) == -1
