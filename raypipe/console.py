@@ -99,7 +99,7 @@ def quiet_libraries() -> None:
     if verbose():
         return
     for name, logger in list(logging.root.manager.loggerDict.items()):
-        if not isinstance(logger, logging.Logger) or not name.startswith(LIBRARIES):
+        if not isinstance(logger, logging.Logger) or name.split(".")[0] not in LIBRARIES:
             continue
         for h in logger.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
@@ -240,6 +240,11 @@ def quiet_ray(workdir: Path, name: str) -> None:
             ray_worker.print_to_stdstream = _RAY_PRINT.get("print", ray_worker.print_to_stdstream)
         return
     logging.getLogger("ray").setLevel(logging.INFO)
+    # Ray Data and Ray Train put INFO handlers on the console when first imported; every raypipe
+    # run imports them anyway, so do it now and lower those handlers with the others.
+    import ray.data  # noqa: F401
+    import ray.train  # noqa: F401
+
     quiet_libraries()
     if _log_file is None:
         open_log(workdir, name)
