@@ -42,6 +42,9 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TUNE_WARN_THRESHOLD_S": "60",
 }
+# Messages about what raypipe itself chose: Ray Data's "Progress bars disabled" (raypipe disables
+# them) and Ray's advice to install ipywidgets for its rich notebook output (raypipe shows none).
+_OWN_DOING = {"ray.data._internal.progress": logging.ERROR, "ray.widgets": logging.WARNING}
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _log_file: Path | None = None
@@ -98,8 +101,10 @@ def quiet_libraries() -> None:
             os.environ.setdefault(key, value)
     if verbose():
         return
+    for name, level in _OWN_DOING.items():
+        logging.getLogger(name).setLevel(level)
     for name, logger in list(logging.root.manager.loggerDict.items()):
-        if not isinstance(logger, logging.Logger) or not name.startswith(LIBRARIES):
+        if not isinstance(logger, logging.Logger) or name.split(".")[0] not in LIBRARIES:
             continue
         for h in logger.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
@@ -239,8 +244,14 @@ def quiet_ray(workdir: Path, name: str) -> None:
         if ray_worker is not None and ray_worker.print_to_stdstream is _to_log_file:
             ray_worker.print_to_stdstream = _RAY_PRINT.get("print", ray_worker.print_to_stdstream)
         return
-    logging.getLogger("ray").setLevel(logging.INFO)
+    # Ray Data and Ray Train put INFO handlers on the console when first imported; every raypipe
+    # run imports them anyway, so do it now (while Ray logs from WARNING, as ray.init left it)
+    # and lower those handlers with the others; Ray's INFO records then reach the log file only.
+    import ray.data  # noqa: F401
+    import ray.train  # noqa: F401
+
     quiet_libraries()
+    logging.getLogger("ray").setLevel(logging.INFO)
     if _log_file is None:
         open_log(workdir, name)
     try:  # Ray's driver-side streams (private: without them Ray's defaults stay)

@@ -161,6 +161,8 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
         from raypipe.client import predict_http
         from raypipe.serve import deploy
 
+        console.quiet_libraries()  # Ray Serve's console handler, installed by its import
+
         served = deploy(cfg, out.champion_uri, progress=lambda m: print(f"[raypipe] serve: {m}"))
         out.served_url = served.url
         try:

@@ -84,7 +84,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, tiny_model_dir, toy_cs
     # As quiet as `raypipe run`: raypipe's lines only; Ray's and the workers' output is in the log file.
     noise = re.compile(r"\(\w+ pid=\d+|\(raylet\)|Trial status|View detailed results|TensorBoard|run snapshot|"
                        r"INFO |it/s\]|DeprecationWarning|Started a local Ray")
-    assert not noise.search(text), noise.search(text).group(0)
+    assert not noise.search(text), f"{noise.search(text).group(0)!r} in\n{text}"
     assert len(text.splitlines()) <= NOTEBOOK_MAX_LINES, text
     assert list((tmp_path / "work" / "logs").glob("*.log"))
 
