@@ -179,8 +179,10 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
         raise ConfigError("tune.search_alg: optuna cannot sample {grid: [...]}; use {choice: [...]}")
     from raypipe.data import load_splits
     from raypipe.model import resolve_model_source
+    from raypipe.tracking import check_job_storage
 
     cfg = cfg.with_absolute_paths()  # trials run in directories of their own
+    check_job_storage(cfg)  # before any work: results written into a Ray job's package are lost
     resolve_model_source(cfg.model.name)
     from raypipe.model import check_peft
 
@@ -237,7 +239,7 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
     run_config = tune.RunConfig(
         name=sweep_name,
         storage_path=cfg.resolved_storage_path,
-        callbacks=[trial_logger(cfg.resolved_tracking_uri, cfg.tracking.experiment, parent_run_id)],
+        callbacks=[trial_logger(cfg, parent_run_id, sweep_name, splits)],
         failure_config=tune.FailureConfig(max_failures=0),
         verbose=1,
     )

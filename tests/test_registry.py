@@ -83,7 +83,10 @@ def test_register_creates_tagged_version_and_champion_resolves_to_identical_pred
     assert (result.name, result.version, result.uri) == ("reg-basic", "1", "models:/reg-basic/1")
     mv = client_for(store_cfg).get_model_version("reg-basic", "1")
     assert mv.run_id == result.run_id
-    assert mv.source == result.source and mv.source.endswith("/artifacts/model")
+    assert mv.source == result.source and mv.source.startswith("models:/m-")  # an MLflow 3 LoggedModel
+    logged = client_for(store_cfg).get_logged_model(mv.source.removeprefix("models:/"))
+    assert logged.source_run_id == result.run_id and str(logged.status) in ("READY", "LoggedModelStatus.READY")
+    assert {m.key: m.value for m in logged.metrics} == {"test_accuracy": 0.9, "test_macro_f1": 0.88}
     assert mv.tags["raypipe.source_run"] == result.run_id
     assert float(mv.tags["test_accuracy"]) == 0.9 and float(mv.tags["test_macro_f1"]) == 0.88
     assert mv.tags["raypipe.data_fingerprint"] == "fp123"
@@ -147,8 +150,11 @@ def test_register_into_the_training_run_keeps_earlier_versions_intact(store_cfg,
     second = register_checkpoint(always_sport, store_cfg, name="reg-src", metrics={"test_macro_f1": 0.1}, source_run_id=training_run)
 
     assert first.run_id == second.run_id == training_run
-    assert first.source.endswith("/model") and second.source.endswith("/model-2")
-    assert {f.path for f in client.list_artifacts(training_run)} >= {"model", "model-2"}
+    # Each version is a LoggedModel of its own, output of the training run (MLflow 3).
+    assert first.source.startswith("models:/m-") and second.source.startswith("models:/m-")
+    assert first.source != second.source
+    outputs = {o.model_id for o in client.get_run(training_run).outputs.model_outputs}
+    assert outputs >= {first.source.removeprefix("models:/"), second.source.removeprefix("models:/")}
     uri = store_cfg.resolved_tracking_uri
     one = load_predictor("models:/reg-src/1", device="cpu", tracking_uri=uri).predict(TEXTS)
     assert [p["label"] for p in one] == [p["label"] for p in Predictor.from_dir(trained).predict(TEXTS)]
