@@ -201,6 +201,11 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
     cfg = _config(args)
+    if cfg.resolved_tracking_uri.startswith(("http://", "https://")):  # a server has its own UI
+        from raypipe.tracking import redact_uri
+
+        print(f"MLflow UI: {redact_uri(cfg.resolved_tracking_uri)}  (the configured tracking server; nothing to start)")
+        return 0
     cmd = [
         sys.executable, "-m", "mlflow", "ui",
         "--backend-store-uri", cfg.resolved_tracking_uri,

@@ -158,6 +158,18 @@ def ray_package_dir(cwd: str | None = None) -> Path | None:
     return None
 
 
+def preflight_store(cfg: Any) -> None:
+    """What a run checks about its MLflow store before any work: not inside a Ray job's
+    throwaway working dir, and a tracking server reachable with the given credentials."""
+    check_job_storage(cfg)
+    uri = cfg.resolved_tracking_uri
+    if _is_server(uri):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from mlflow.tracking import MlflowClient
+
+        preflight(MlflowClient(tracking_uri=uri, registry_uri=uri), uri, cfg.tracking.experiment)
+
+
 def check_job_storage(cfg: Any) -> None:
     """Refuse (ConfigError, exit 2) to write results into Ray's copy of a working dir: they
     would vanish with the Ray session and never reach the user's store. What must outlive the

@@ -179,10 +179,10 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
         raise ConfigError("tune.search_alg: optuna cannot sample {grid: [...]}; use {choice: [...]}")
     from raypipe.data import load_splits
     from raypipe.model import resolve_model_source
-    from raypipe.tracking import check_job_storage
+    from raypipe.tracking import preflight_store
 
     cfg = cfg.with_absolute_paths()  # trials run in directories of their own
-    check_job_storage(cfg)  # before any work: results written into a Ray job's package are lost
+    preflight_store(cfg)  # before any work: results written into a Ray job's package are lost
     resolve_model_source(cfg.model.name)
     from raypipe.model import check_peft
 
