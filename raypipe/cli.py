@@ -212,10 +212,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from raypipe.reproduce import run
+
+    uri = _config(args).resolved_tracking_uri if args.config else None
+    result = run(args.target, tracking_uri=uri, allow_data_change=args.allow_data_change, overrides=args.overrides)
+    print(result.summary())
+    return 0
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
     cfg = _config(args)
+    if cfg.resolved_tracking_uri.startswith(("http://", "https://")):  # a server has its own UI
+        from raypipe.tracking import redact_uri
+
+        print(f"MLflow UI: {redact_uri(cfg.resolved_tracking_uri)}  (the configured tracking server; nothing to start)")
+        return 0
     cmd = [
         sys.executable, "-m", "mlflow", "ui",
         "--backend-store-uri", cfg.resolved_tracking_uri,
@@ -336,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--no-serve", action="store_true", help="stop after registering")
     p.add_argument("--keep-serving", action="store_true", help="leave the server running")
+
+    p = add("reproduce", _cmd_reproduce, "rebuild a run's config from MLflow, check its data, train again, "
+            "compare metrics")
+    p.add_argument("target", help="MLflow run id, or models:/name@alias / models:/name/VERSION")
+    p.add_argument("--config", "-c", help="config (for its tracking URI; default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--allow-data-change", action="store_true", help="rerun even if the data's fingerprint changed")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides on top of the run's config")
 
     p = add("ui", _cmd_ui, "open the MLflow UI on the config's tracking store")
     _add_config(p, required=False)

@@ -304,6 +304,9 @@ class TrackingConfig(_Section):
     artifact_location: str | None = Field(None, description="Default: <workdir>/mlartifacts.")
     run_name: str | None = None
     log_checkpoint: bool = True
+    system_metrics: bool = Field(
+        False, description="Sample CPU/GPU/memory into each training run (MLflow's monitor; needs psutil)."
+    )
 
 
 SpaceSpec = dict[str, Any]

@@ -41,6 +41,7 @@ class EvalResult:
     fingerprint: str | None = None
     run_id: str | None = None
     model_meta: dict[str, Any] = field(default_factory=dict)
+    examples: Any = field(default=None, repr=False, compare=False)  # the frame (an MLflow dataset input)
 
     # classifier views (the fields this result had before tasks existed)
     @property
@@ -211,6 +212,7 @@ def run(
         data=where,
         fingerprint=fingerprint,
         model_meta=dict(predictor.meta),
+        examples=frame,
     )
     if log_to_mlflow:
         from raypipe.tracking import log_evaluation

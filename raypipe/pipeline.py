@@ -123,6 +123,9 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
         clock = now
 
     cfg = cfg.with_absolute_paths()
+    from raypipe.tracking import preflight_store
+
+    preflight_store(cfg)  # a Ray job's throwaway dir or a wrong server password stops us here
     splits = load_splits(cfg.data, cfg.task)  # once per run, and before any Ray work
     splits.measure_lengths(cfg.model.name, cfg.data.max_length)
     print(splits.report())

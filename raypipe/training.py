@@ -148,6 +148,10 @@ def run(
     """
     # Everything that can be checked without Ray is checked first.
     cfg = cfg.with_absolute_paths()  # the workers do not share this process's directory
+    if track:
+        from raypipe.tracking import preflight_store
+
+        preflight_store(cfg)  # before any work: results written into a Ray job's package are lost
     resolve_model_source(cfg.model.name)
     from raypipe.model import check_peft
 

@@ -179,8 +179,10 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
         raise ConfigError("tune.search_alg: optuna cannot sample {grid: [...]}; use {choice: [...]}")
     from raypipe.data import load_splits
     from raypipe.model import resolve_model_source
+    from raypipe.tracking import preflight_store
 
     cfg = cfg.with_absolute_paths()  # trials run in directories of their own
+    preflight_store(cfg)  # before any work: results written into a Ray job's package are lost
     resolve_model_source(cfg.model.name)
     from raypipe.model import check_peft
 
@@ -246,7 +248,8 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
         storage_path=cfg.resolved_storage_path,
         # CSV/JSON given here and TUNE_DISABLE_AUTO_CALLBACK_LOGGERS below: Tune's results files
         # without its TensorBoard logger (and its "To visualize your results" hint): runs are in MLflow.
-        callbacks=[trial_logger(cfg.resolved_tracking_uri, cfg.tracking.experiment, parent_run_id, splits),
+        callbacks=[trial_logger(cfg, parent_run_id, sweep_name, splits,
+                                lambda sampled: trial_config(cfg.model_dump(mode="json"), sampled)),
                    CSVLoggerCallback(), JsonLoggerCallback(), console.tune_callback(board)],
         failure_config=tune.FailureConfig(max_failures=0),
         verbose=1 if console.verbose() else 0,  # Tune's status tables leave out the metric; the board has it

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 HEAVY = ("torch", "ray", "mlflow", "transformers")
-COMMANDS = ("validate", "train", "tune", "evaluate", "register", "models", "serve", "predict", "run", "ui")
+COMMANDS = ("validate", "train", "tune", "evaluate", "register", "models", "serve", "predict", "run", "reproduce", "ui")
 REPO = Path(__file__).resolve().parents[1]
 
 

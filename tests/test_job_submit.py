@@ -180,3 +180,22 @@ def test_job_submit_runs_the_train_example_on_a_token_auth_cluster(cluster, tmp_
     assert run.data.params["train.lr"] == "0.004"  # so did the override
     assert {"val_loss", "val_accuracy", "val_macro_f1", "best_val_macro_f1"} <= set(run.data.metrics)
     assert "checkpoint" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    # The same job with the default (relative) workdir and no tracking URI would write its store
+    # and checkpoints into Ray's throwaway copy of the working dir: it stops before training and
+    # says how to give the job persistent places.
+    relative = yaml.safe_load(config.read_text())
+    relative.pop("workdir")
+    relative["tracking"].pop("tracking_uri")
+    rel_config = tmp_path / "relative.yaml"
+    rel_config.write_text(yaml.safe_dump(relative))
+    env = {k: v for k, v in cluster.env.items() if k not in ("MLFLOW_TRACKING_URI", "RAYPIPE_STORAGE_PATH")}
+    rel_id = f"raypipe-test-{secrets.token_hex(4)}"
+    refused = cluster.ray(
+        "job", "submit", "--address", cluster.dashboard, "--submission-id", rel_id, "--working-dir", ".",
+        "--", "python", "examples/train.py", "--config", str(rel_config), "--smoke-test", env=env, timeout=420,
+    )
+    rel_logs = refused.stdout + refused.stderr
+    assert cluster.job_status(rel_id) == "FAILED", rel_logs[-4000:]
+    assert "inside a Ray job's copy of the working dir" in rel_logs and "MLFLOW_TRACKING_URI" in rel_logs
+    assert "Training run" not in rel_logs and "training finished" not in rel_logs

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_evaluation import (
@@ -83,7 +84,10 @@ def test_register_creates_tagged_version_and_champion_resolves_to_identical_pred
     assert (result.name, result.version, result.uri) == ("reg-basic", "1", "models:/reg-basic/1")
     mv = client_for(store_cfg).get_model_version("reg-basic", "1")
     assert mv.run_id == result.run_id
-    assert mv.source == result.source and mv.source.endswith("/artifacts/model")
+    assert mv.source == result.source and mv.source.startswith("models:/m-")  # an MLflow 3 LoggedModel
+    logged = client_for(store_cfg).get_logged_model(mv.source.removeprefix("models:/"))
+    assert logged.source_run_id == result.run_id and str(logged.status) in ("READY", "LoggedModelStatus.READY")
+    assert {m.key: m.value for m in logged.metrics} == {"test_accuracy": 0.9, "test_macro_f1": 0.88}
     assert mv.tags["raypipe.source_run"] == result.run_id
     assert float(mv.tags["test_accuracy"]) == 0.9 and float(mv.tags["test_macro_f1"]) == 0.88
     assert mv.tags["raypipe.data_fingerprint"] == "fp123"
@@ -147,8 +151,11 @@ def test_register_into_the_training_run_keeps_earlier_versions_intact(store_cfg,
     second = register_checkpoint(always_sport, store_cfg, name="reg-src", metrics={"test_macro_f1": 0.1}, source_run_id=training_run)
 
     assert first.run_id == second.run_id == training_run
-    assert first.source.endswith("/model") and second.source.endswith("/model-2")
-    assert {f.path for f in client.list_artifacts(training_run)} >= {"model", "model-2"}
+    # Each version is a LoggedModel of its own, output of the training run (MLflow 3).
+    assert first.source.startswith("models:/m-") and second.source.startswith("models:/m-")
+    assert first.source != second.source
+    outputs = {o.model_id for o in client.get_run(training_run).outputs.model_outputs}
+    assert outputs >= {first.source.removeprefix("models:/"), second.source.removeprefix("models:/")}
     uri = store_cfg.resolved_tracking_uri
     one = load_predictor("models:/reg-src/1", device="cpu", tracking_uri=uri).predict(TEXTS)
     assert [p["label"] for p in one] == [p["label"] for p in Predictor.from_dir(trained).predict(TEXTS)]
@@ -454,3 +461,64 @@ def test_default_tracking_uri_follows_env(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.chdir(tmp_path)
     assert default_tracking_uri() == f"sqlite:///{Path(os.getcwd()).resolve() / 'raypipe-work' / 'mlflow.db'}"
+
+
+# --------------------------------------------------------------------------- like with like, races
+
+
+def test_gate_reevaluates_a_champion_scored_on_other_data_before_comparing(store_cfg, trained, always_sport):
+    """The holder claims 0.99 on some other test set; on this version's test split it is the
+    constant model (macro-F1 1/6), so the trained challenger wins — the gate compared like with like."""
+    first = register_checkpoint(always_sport, store_cfg, name="reg-fair", metrics={"test_macro_f1": 0.99},
+                                fingerprint="other-data")
+    assert first.decision.promoted
+    challenger = register_checkpoint(trained, store_cfg, name="reg-fair")  # evaluated on the config's test split
+    assert challenger.fingerprint != "other-data" and challenger.metrics["test_macro_f1"] > 0.8
+    assert challenger.decision.promoted, challenger.decision.reason
+    assert "re-evaluated on this test split" in challenger.decision.reason
+    assert challenger.decision.previous_value == pytest.approx(1 / 6)
+    assert champion(store_cfg, "reg-fair") == challenger.version
+
+
+def test_gate_refuses_when_the_champion_was_scored_on_other_data_and_cannot_be_rescored(store_cfg, trained):
+    no_data = store_cfg.model_copy(update={"data": store_cfg.data.model_copy(update={"path": None})})
+    first = register_checkpoint(trained, no_data, name="reg-otherdata", metrics={"test_macro_f1": 0.5}, fingerprint="a")
+    second = register_checkpoint(trained, no_data, name="reg-otherdata", metrics={"test_macro_f1": 0.9}, fingerprint="b")
+    assert first.decision.promoted and not second.decision.promoted
+    assert "tested on other data" in second.decision.reason and "--force" in second.decision.reason
+    assert champion(store_cfg, "reg-otherdata") == first.version
+
+
+def test_two_registrations_racing_for_the_alias_only_one_wins_and_the_other_is_told(store_cfg, trained):
+    """Two registrations of equally good versions start at the same moment against an alias
+    nobody holds yet: without serialisation both would see "no holder" and both would claim it.
+    (Threads of one process: the alias lock is a file lock, which excludes them exactly as it
+    excludes two processes.)"""
+    import threading
+
+    barrier = threading.Barrier(2)
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def racer() -> None:
+        try:
+            barrier.wait(timeout=120)
+            results.append(register_checkpoint(trained, store_cfg, name="reg-race", metrics={"test_macro_f1": 0.5},
+                                               fingerprint="same"))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=racer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    winners = [r for r in results if r.decision.promoted]
+    losers = [r for r in results if not r.decision.promoted]
+    assert len(winners) == 1 and len(losers) == 1, [r.decision.reason for r in results]
+    assert champion(store_cfg, "reg-race") == winners[0].version  # never the loser
+    assert (f"@champion stays on v{winners[0].version}" in losers[0].decision.reason
+            or "lost the race" in losers[0].decision.reason)
+    tags = client_for(store_cfg).get_model_version("reg-race", losers[0].version).tags
+    assert tags["raypipe.promotion"] == "rejected"

@@ -33,15 +33,37 @@ def _children(cfg, parent_id):
     return client, client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_asha_sweep_logs_trials_under_a_parent_and_promotes_the_best(ray_local, tiny_config):
+@pytest.fixture(scope="module")
+def asha_sweep(ray_local, tmp_path_factory, tiny_model_dir, toy_csv):
+    """One ASHA sweep of 4 trials, its winner evaluated and registered as the pipeline does it;
+    shared by the tests that check the sweep and the champion's lineage in MLflow."""
     from raypipe.data import load_splits
     from raypipe.pipeline import evaluate_and_register
-    from raypipe.predict import Predictor
-    from raypipe.registry import load_predictor
     from raypipe.tuning import run
 
-    cfg = _sweep_cfg(tiny_config, scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    base = tmp_path_factory.mktemp("asha")
+    tiny = config_from_dict({
+        "workdir": str(base / "work"),
+        "name": "asha",
+        "data": {"path": str(toy_csv), "max_length": 32},
+        "model": {"name": str(tiny_model_dir)},
+        "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0},
+        "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5},
+        "tracking": {"experiment": "asha-sweep"},
+    })
+    cfg = _sweep_cfg(tiny, scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
     result = run(cfg)
+    splits = load_splits(cfg.data)
+    evaluation, registration = evaluate_and_register(cfg, result.best_checkpoint, splits=splits,
+                                                     source_run_id=result.best_run_id)
+    return cfg, result, splits, evaluation, registration
+
+
+def test_asha_sweep_logs_trials_under_a_parent_and_promotes_the_best(asha_sweep):
+    from raypipe.predict import Predictor
+    from raypipe.registry import load_predictor
+
+    cfg, result, _splits, evaluation, registration = asha_sweep
 
     assert len(result.trials) == 4
     assert {t["status"] for t in result.trials} <= {"completed", "early_stopped"}
@@ -60,8 +82,6 @@ def test_asha_sweep_logs_trials_under_a_parent_and_promotes_the_best(ray_local, 
     assert "plots/sweep.png" in {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
 
     # The winner, evaluated on the test split and registered as after a single run, holds the alias.
-    evaluation, registration = evaluate_and_register(cfg, result.best_checkpoint, splits=load_splits(cfg.data),
-                                                     source_run_id=result.best_run_id)
     assert evaluation.metrics["test_accuracy"] > 0.5
     assert registration.run_id == result.best_run_id  # the model lives in the best trial's run
     champion = f"models:/{cfg.registry.model_name}@{cfg.registry.alias}"
@@ -70,6 +90,74 @@ def test_asha_sweep_logs_trials_under_a_parent_and_promotes_the_best(ray_local, 
     texts = ["goal match team league", "chip software robot", "bread soup chef"]
     assert [p["label"] for p in served.predict(texts)] == [p["label"] for p in local.predict(texts)]
     assert served.meta["model_version"] == str(registration.version)
+
+
+def test_the_champion_read_back_with_plain_mlflow_has_its_whole_lineage(asha_sweep):
+    """What a user finds with MLflow's own client, starting from models:/name@champion: the trial
+    run behind it with the whole config, versions, git and data tags, its dataset inputs, a
+    LoggedModel with the test metrics and a signature, and a readable trial name."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from raypipe.config import flatten
+    from raypipe.tracking import safe_params
+
+    cfg, result, splits, evaluation, registration = asha_sweep
+    uri = cfg.resolved_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = cfg.registry.model_name
+    mv = client.get_model_version_by_alias(name, "champion")
+    run = client.get_run(mv.run_id)
+
+    # The trial run holds the full resolved config (not only the searched keys).
+    trial = next(t for t in result.trials if t["trial_id"] == result.best_trial)
+    expected = safe_params(flatten(cfg.model_dump(mode="json")))
+    for key in ("model.name", "data.path", "data.max_length", "train.epochs", "train.seed", "scaling.num_workers",
+                "registry.model_name", "tracking.experiment"):
+        assert run.data.params[key] == expected[key], key
+    assert float(run.data.params["train.lr"]) == pytest.approx(trial["config"]["train.lr"])
+    assert run.data.params["train.batch_size"] == str(trial["config"]["train.batch_size"])
+    assert len(run.data.params) >= 40
+    tags = run.data.tags
+    assert tags["data.fingerprint"] == splits.fingerprint and tags["data.split_seed"] == str(cfg.data.split_seed)
+    assert {"version.raypipe", "version.torch", "version.transformers", "version.ray", "version.mlflow"} <= set(tags)
+    assert len(tags["git.sha"]) == 40 and tags["git.dirty"] in ("true", "false")
+    assert tags["raypipe.stage"] == "trial" and tags["mlflow.parentRunId"] == result.parent_run_id
+    # A readable name: <sweep>-tNN with the sampled values.
+    assert run.info.run_name.startswith(f"{result.sweep_name}-t") and "lr=" in run.info.run_name
+    assert "batch_size=" in run.info.run_name and "_trial_fn" not in run.info.run_name
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["raypipe.best_run_id"] == mv.run_id
+    assert set(parent.data.tags["raypipe.child_runs"].split(",")) == {
+        r.info.run_id for r in _children(cfg, result.parent_run_id)[1]}
+
+    # Dataset inputs: one per split, digest from the fingerprint, source the data path.
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation", "test"}
+    for ds in inputs.values():
+        assert ds.digest == splits.fingerprint[:36] and str(cfg.data.path) in ds.source
+        assert "text" in ds.schema
+    eval_run = client.get_run(evaluation.run_id)
+    assert [d.dataset.digest for d in eval_run.inputs.dataset_inputs] == [splits.fingerprint[:36]]
+
+    # A LoggedModel, output of that run, with the test metrics and a signature; the version comes from it.
+    model_id = mv.source.removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
+    assert logged.source_run_id == mv.run_id
+    assert model_id in {o.model_id for o in run.outputs.model_outputs}
+    linked = {m.key: m.value for m in logged.metrics}
+    assert linked["test_macro_f1"] == pytest.approx(evaluation.metrics["test_macro_f1"])
+    assert {m.dataset_digest for m in logged.metrics} == {splits.fingerprint[:36]}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert model.metadata.get_input_schema() is not None and model.metadata.get_output_schema() is not None
+    assert model.metadata.model_id == model_id
+    out = model.predict(pd.DataFrame({"text": ["goal match team league"]}))
+    assert list(out.columns)[:1] == ["label"]
+
+    # The experiment opens on runs in the UI.
+    assert client.get_experiment_by_name(cfg.tracking.experiment).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def _finished_trials(sweep_root: Path) -> list[Path]:
