@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-SECRET_KEY = re.compile(r"(token|password|passwd|secret|api[_-]?key|credential)", re.I)
+# A secret-looking key is one with a secret word as a whole part of its name ("auth_token",
+# "hf_token", "password"), not a count or a setting that contains it ("max_tokens", "tokenizer").
+SECRET_KEY = re.compile(r"(?:^|[_.-])(token|password|passwd|secret|api[_-]?key|credentials?)(?:$|[_.-])", re.I)
 REDACTED = "***"
 
 

@@ -202,6 +202,7 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
         configure,
         finish_sweep_run,
         log_data_checks,
+        redact_config,
         start_sweep_run,
         trial_logger,
     )
@@ -243,13 +244,15 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     board = console.SweepBoard(metric, mode, cfg.train.epochs, trial_count(cfg), n)
+    public = redact_config(cfg.model_dump(mode="json"))
     run_config = tune.RunConfig(
         name=sweep_name,
         storage_path=cfg.resolved_storage_path,
         # CSV/JSON given here and TUNE_DISABLE_AUTO_CALLBACK_LOGGERS below: Tune's results files
         # without its TensorBoard logger (and its "To visualize your results" hint): runs are in MLflow.
+        # Tune pickles its callbacks into tuner.pkl: the trial logger's config is the redacted one.
         callbacks=[trial_logger(cfg, parent_run_id, sweep_name, splits,
-                                lambda sampled: trial_config(cfg.model_dump(mode="json"), sampled)),
+                                lambda sampled: trial_config(public, sampled)),
                    CSVLoggerCallback(), JsonLoggerCallback(), console.tune_callback(board)],
         failure_config=tune.FailureConfig(max_failures=0),
         verbose=1 if console.verbose() else 0,  # Tune's status tables leave out the metric; the board has it
