@@ -203,11 +203,28 @@ class _Tee:
 def run_log(cfg: Any, command: str) -> Iterator[Path]:
     """The full log of one command: logging records, what the driver prints, and the output of
     Ray's worker processes (routed here by :func:`quiet_ray`)."""
-    path = open_log(cfg.workdir_path, f"{command}-{cfg.name}")
+    workdir = Path(cfg.workdir_path)
+    fresh = [d for d in (workdir, workdir / "logs") if not d.exists()]
+    path = open_log(workdir, f"{command}-{cfg.name}")
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Tee(out), _Tee(err)  # type: ignore[assignment]
     try:
         yield path
+    except Exception as exc:
+        from raypipe.errors import RaypipeError
+
+        if isinstance(exc, RaypipeError) and exc.exit_code == 2 and fresh:
+            # A config or data error stopped the command before it did anything: leave no
+            # workdir behind just for this log (the error is on the console).
+            sys.stdout, sys.stderr = out, err
+            close_log()
+            path.unlink(missing_ok=True)
+            for d in reversed(fresh):
+                try:
+                    d.rmdir()
+                except OSError:  # something else was written there: keep it
+                    break
+        raise
     finally:
         sys.stdout, sys.stderr = out, err
         close_log()
