@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,15 @@ def unwrap(model: Any) -> Any:
     return getattr(model, "module", model)
 
 
+# transformers builds and loads models inside context managers that patch process-wide state
+# (PreTrainedModel.tie_weights / init_weights and torch.nn.init swapped for no-ops, restored on
+# exit). Two threads loading at once (a Serve replica loading adapters, threads registering
+# models, an in-process API beside a notebook) can restore each other's no-op as the original,
+# and every later model of the process then loads with untied, uninitialised weights (meta
+# tensors, NaN logits). Every model raypipe builds or loads takes this lock.
+LOADING = threading.RLock()
+
+
 def auto_class(task: str | None) -> Any:
     """The transformers Auto class that builds and loads the task's models."""
     import transformers
@@ -74,15 +84,16 @@ def pretrained(source: str, task: str | None, schema: dict[str, Any], *, revisio
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
-        model, info = auto_class(task).from_pretrained(
-            source,
-            **tasks.get(task).model_kwargs(schema),
-            ignore_mismatched_sizes=True,
-            use_safetensors=True,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-        )
+        with LOADING:
+            model, info = auto_class(task).from_pretrained(
+                source,
+                **tasks.get(task).model_kwargs(schema),
+                ignore_mismatched_sizes=True,
+                use_safetensors=True,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+            )
     except OSError as exc:
         raise ConfigError(
             f"model.name: cannot load '{source}' ({exc}). Use a local model dir, "
@@ -160,7 +171,7 @@ def check_peft(model_cfg: Any, task: str | None) -> None:
                                             trust_remote_code=model_cfg.trust_remote_code)
     except OSError as exc:
         raise ConfigError(f"model.name: cannot read the config of '{model_cfg.name}' ({exc})") from None
-    with torch.device("meta"):
+    with LOADING, torch.device("meta"):
         skeleton = auto_class(task).from_config(config, trust_remote_code=model_cfg.trust_remote_code)
     adapters.resolve_targets(skeleton, model_cfg.peft.target_modules)
     adapters.check_modules_to_save(skeleton, model_cfg.peft.modules_to_save)
@@ -174,7 +185,8 @@ def restore(model: Any, path: str | os.PathLike[str], task: str | None) -> Any:
     if adapters.is_adapter(model):
         adapters.restore(model, path)
         return model
-    return auto_class(task).from_pretrained(path, use_safetensors=True)
+    with LOADING:
+        return auto_class(task).from_pretrained(path, use_safetensors=True)
 
 
 def save_checkpoint(
@@ -262,7 +274,8 @@ def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu", *,
         model = adapters.load(p, meta, build_base, base=base)
     else:
         try:
-            model = auto_class(meta["task"]).from_pretrained(p, use_safetensors=True)
+            with LOADING:
+                model = auto_class(meta["task"]).from_pretrained(p, use_safetensors=True)
         except Exception as exc:  # corrupt weights surface as several different error types
             raise CheckpointError(f"checkpoint '{path}' cannot be loaded: {exc}") from None
     prepare(meta["task"], model, tokenizer)
