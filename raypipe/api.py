@@ -278,6 +278,11 @@ class Metadata(BaseModel):
     max_length: int = Field(description="Tokens per text; longer texts are truncated.")
     raypipe_version: str
     checkpoint_raypipe_version: str | None = None
+    data_fingerprint: str | None = Field(None, description="Fingerprint of the data the model was trained on "
+                                         "(its MLflow dataset inputs' digest is the first 36 characters).")
+    git_sha: str | None = Field(None, description="Commit of the code that trained the model "
+                                "(null outside a git checkout).")
+    git_dirty: bool | None = Field(None, description="Whether that checkout had uncommitted changes.")
     loaded_at: float | None = Field(None, description="Unix time the model was swapped in.")
     limits: dict[str, int]
     serving: dict[str, Any] = Field(default_factory=dict)
@@ -705,6 +710,9 @@ def create_app(
             max_length=predictor.max_length,
             raypipe_version=__version__,
             checkpoint_raypipe_version=meta.get("raypipe_version"),
+            data_fingerprint=meta.get("data_fingerprint"),
+            git_sha=meta.get("git_sha"),
+            git_dirty=meta.get("git_dirty"),
             loaded_at=loaded_at() if loaded_at else None,
             limits={**limits, "max_body_bytes": body_limit},
             serving=serving_info() if serving_info else {},

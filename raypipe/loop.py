@@ -259,6 +259,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "details": scores.details,
                         "early_stopped": stop,
                         "data_fingerprint": config.get("fingerprint"),
+                        "git_sha": config.get("git_sha"),
+                        "git_dirty": config.get("git_dirty"),
                         "config": config.get("config_record", config["cfg"]),
                     },
                     train_state={

@@ -113,7 +113,13 @@ class ModelService:
     """
 
     def __init__(self, serve_settings: dict[str, Any], model_uri: str | None = None,
-                 tracking_uri: str | None = None):
+                 tracking_uri: str | None = None, credentials: dict[str, str] | None = None):
+        # The deployer's MLflow credentials, for models:/ URIs on a server with auth: replicas run
+        # in Ray's worker processes, which never saw the deployer's environment. An init argument
+        # (not runtime_env env_vars, which `serve status` and the dashboard print).
+        for key, value in (credentials or {}).items():
+            if key in CREDENTIAL_ENV:
+                os.environ[key] = value
         self.cfg = ServeConfig.model_validate(serve_settings)
         self.slot = ModelSlot()
         self.spec: ModelSpec | None = None
@@ -481,6 +487,16 @@ def deployment_options(s: ServeConfig, spec: ModelSpec) -> dict[str, Any]:
     return opts
 
 
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def _credentials(tracking_uri: str | None) -> dict[str, str]:
+    """The deployer's MLflow credentials that the replicas need to resolve models:/ URIs."""
+    if tracking_uri is None:
+        return {}
+    return {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
+
+
 def _replica_settings(cfg: RaypipeConfig, uri: str, tracking_uri: str | None) -> tuple[dict[str, Any], str | None]:
     """``cfg.serve`` as the replicas get it (adapter dirs absolute: a replica's cwd differs) and
     the tracking URI, resolved here whenever the model or one of its adapters is a models:/ URI."""
@@ -500,9 +516,10 @@ def build_app(cfg: RaypipeConfig, model_uri: str, *, tracking_uri: str | None = 
     settings, tracking_uri = _replica_settings(cfg, uri, tracking_uri)
     spec = ModelSpec(model_uri=uri, tracking_uri=tracking_uri, revision=revision)
     opts = deployment_options(cfg.serve, spec)
+    creds = _credentials(tracking_uri)
     if version is None:
-        return RaypipeModel.options(**opts).bind(settings)
-    return RaypipeModel.options(**opts, _internal=True, version=version).bind(settings)
+        return RaypipeModel.options(**opts).bind(settings, credentials=creds)
+    return RaypipeModel.options(**opts, _internal=True, version=version).bind(settings, credentials=creds)
 
 
 def _shape(cfg: RaypipeConfig, model_uri: str) -> str:

@@ -88,8 +88,11 @@ def build_trainer(
     from raypipe.runtime import WORKER_ENV, start_retries, worker_resources
 
     tree = cfg.model_dump(mode="json")
+    from raypipe.tracking import git_dirty, git_sha
+
     loop_config = {"cfg": tree, "schema": splits.schema, "fingerprint": splits.fingerprint,
-                   "config_record": redact_config(tree)}  # what checkpoints record: no credentials
+                   "config_record": redact_config(tree),  # what checkpoints record: no credentials
+                   "git_sha": git_sha(), "git_dirty": git_dirty()}
     if cfg.scaling.num_workers == 0:
         loop_config["local_checkpoint_root"] = str(Path(cfg.resolved_storage_path) / run_name)
     return TorchTrainer(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -148,7 +149,13 @@ def test_raypipe_run_multi_label_sweeps_with_asha_registers_and_serves(
     assert empty["labels"] == [], empty
     assert set(both["scores"]) == set(TAGS)
     assert set(list(both["scores"])[:2]) == {"sport", "tech"}, both  # most likely first
-    assert probe_out["metadata"]["task"] == "multi_label"
+    meta = probe_out["metadata"]
+    assert meta["task"] == "multi_label"
+    # Lineage of the served model: its run, the data it trained on, the code that trained it.
+    assert meta["model"]["run_id"] == version.run_id
+    assert meta["data_fingerprint"] == version.tags["raypipe.data_fingerprint"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    assert meta["git_sha"] == (head or None) and meta["git_sha"] == client.get_run(version.run_id).data.tags.get("git.sha")
     assert probe_out["pairs_on_a_text_model"] == 422
     item = json.dumps(probe_out["openapi"]["components"]["schemas"])
     assert "Labels whose score reaches their decision threshold" in item

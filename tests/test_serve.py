@@ -122,6 +122,35 @@ def test_a_revision_bump_reloads_the_same_uri(tiny_checkpoint):
     assert svc.slot() is not before and svc.spec.revision == "2"
 
 
+def test_replicas_get_the_deployers_mlflow_credentials_as_an_init_argument_not_in_the_deployment_options(
+    tmp_path, monkeypatch
+):
+    """A replica is a Ray worker that never saw the deployer's environment: the MLflow credentials
+    a models:/ URI needs reach it as an init argument, never through ray_actor_options (which
+    ``serve status`` and the dashboard print)."""
+    import json as _json
+
+    from raypipe.config import config_from_dict
+    from raypipe.serve import ModelService, build_app
+
+    cfg = config_from_dict({"workdir": str(tmp_path), "name": "creds"})
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "deployer")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-9f1c")
+    node = build_app(cfg, "models:/some-model@champion", tracking_uri="http://127.0.0.1:5000")._bound_deployment
+    assert node.init_kwargs["credentials"] == {"MLFLOW_TRACKING_USERNAME": "deployer",
+                                               "MLFLOW_TRACKING_PASSWORD": "pw-9f1c"}
+    options = _json.dumps([node.user_config, node.ray_actor_options, node.init_args], default=str)
+    assert "pw-9f1c" not in options
+    # A plain checkpoint dir needs no tracking server: nothing is handed over.
+    assert build_app(cfg, str(tmp_path))._bound_deployment.init_kwargs["credentials"] == {}
+
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    ModelService({}, credentials={"MLFLOW_TRACKING_PASSWORD": "pw-9f1c", "PATH": "/nowhere"})
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "pw-9f1c"  # the replica process has it now
+    assert os.environ["PATH"] != "/nowhere"  # only MLflow's credential variables are taken
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+
+
 def test_check_health_runs_the_model_and_catches_a_broken_one(tiny_checkpoint):
     import torch
 

@@ -3,9 +3,10 @@
 shared path), credentials from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
 
 Training runs in Ray Train's local mode (``scaling.num_workers: 0``), so every MLflow call is made
-by this process, whose environment holds the credentials. (Ray actors — a Train controller, Serve
-replicas — get them the way any environment variable reaches them: set where Ray is started, or
-in a runtime_env; that is not exercised here.)
+by this process, whose environment holds the credentials. The champion is then served from
+``models:/srv-model@champion``: the Serve replica (a Ray worker that never saw this process's
+environment, since the test's Ray was started before the credentials were set) resolves it through
+the server with the deployer's credentials, handed to it as an init argument.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def _config(tmp_path: Path, url: str, tiny_model_dir: Path, toy_csv: Path) -> Pa
         "scaling": {"num_workers": 0, "use_gpu": False},
         "tracking": {"tracking_uri": url, "experiment": "server-e2e"},
         "registry": {"model_name": "srv-model"},
+        "serve": {"port": _free_port(), "app_name": "srv-e2e"},
     }
     path = tmp_path / "srv.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -160,6 +162,22 @@ def test_the_pipeline_against_a_basic_auth_tracking_server_leaves_no_secret(
     assert predictor.meta["model_version"] == str(mv.version)
     assert predictor.predict(["goal match team league"])[0]["label"] in ("sport", "tech", "food")
 
+    # A Serve replica resolves models:/ through the authenticated server itself, and /metadata
+    # names the run, the data and the code behind the model.
+    import httpx
+
+    from raypipe.serve import deploy, shutdown
+
+    served = deploy(cfg, "models:/srv-model@champion", ready_timeout_s=300)
+    try:
+        meta = httpx.get(f"{served.url}/metadata", timeout=60).json()
+        answer = httpx.post(f"{served.url}/predict", json={"texts": ["goal match team league"]}, timeout=60)
+    finally:
+        shutdown("srv-e2e")
+    assert meta["model"] == {"name": "srv-model", "version": str(mv.version), "run_id": mv.run_id}
+    assert meta["data_fingerprint"] == result.train.fingerprint
+    assert answer.status_code == 200 and answer.json()["model"]["version"] == str(mv.version)
+
     # Without credentials the same server refuses: the auth app is really on.
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
@@ -171,8 +189,11 @@ def test_the_pipeline_against_a_basic_auth_tracking_server_leaves_no_secret(
     hits = [f"captured output: {ADMIN_PASSWORD}"] if ADMIN_PASSWORD in out.out + out.err else []
     scanned, store_hits = grep_tree(root, (ADMIN_PASSWORD, FLASK_KEY))
     work_scanned, work_hits = grep_tree(tmp_path / "work", (ADMIN_PASSWORD, FLASK_KEY))
+    ray_logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"
+    logs_scanned, log_hits = grep_tree(ray_logs, (ADMIN_PASSWORD, FLASK_KEY))  # Serve's and the replica's logs
+    hits += log_hits
     assert scanned > 5 and log.is_file()
     hits += store_hits + work_hits
     print(f"\nRELIABILITY secrets-server: scanned {scanned} server files (store, artifacts, server log), "
-          f"{work_scanned} workdir files, captured output; hits: {len(hits)}")
+          f"{work_scanned} workdir files, {logs_scanned} Ray log files, captured output; hits: {len(hits)}")
     assert hits == []
