@@ -237,6 +237,23 @@ def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: Serv
         return engine.stream(predictor.model, predictor.tokenizer, prompt, params,
                              activate=predictor._active if predictor.adapter is not None else None)
 
+    def holding(predictor: Predictor, prepare: Callable[[], Any]) -> tuple[Any, Any]:
+        """Hold ``predictor`` (before any await, so an adapter eviction cannot slip in between) and
+        run ``prepare()``; the hold is released again if that fails."""
+        held = hold(predictor)
+        try:
+            return held, prepare()
+        except BaseException:
+            release(held)
+            raise
+
+    async def collect(deltas: AsyncIterator[Delta], held: Any) -> tuple[str, Delta]:
+        """The whole answer of a non-streamed request; the hold ends with it."""
+        try:
+            return await _collect(deltas)
+        finally:
+            release(held)
+
     @app.get("/v1/models", include_in_schema=False, summary="OpenAI API: the model ids requests may name")
     async def list_models() -> dict[str, Any]:
         predictor = current()
@@ -250,14 +267,12 @@ def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: Serv
 
         req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
         predictor = await choose(req.model)
-        held = hold(predictor)  # before the next await: an eviction cannot slip in between
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            prompt = prompt_ids(predictor.tokenizer, messages)
-            params = sampling(req, predictor, prompt, "messages", cfg.max_tokens)
-        except BaseException:
-            release(held)
-            raise
+
+        def prepare() -> tuple[list[int], SamplingParams]:
+            prompt = prompt_ids(predictor.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+            return prompt, sampling(req, predictor, prompt, "messages", cfg.max_tokens)
+
+        held, (prompt, params) = holding(predictor, prepare)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         deltas = run(predictor, prompt, params)
         if req.stream:
@@ -269,10 +284,7 @@ def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: Serv
                                          lambda d: chunk({}, d.finish_reason), rid, created, req,
                                          "chat.completion.chunk", lambda: release(held),
                                          head=chunk({"role": "assistant", "content": ""}, None)))
-        try:
-            text, last = await _collect(deltas)
-        finally:
-            release(held)
+        text, last = await collect(deltas, held)
         return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": None, "finish_reason": last.finish_reason}],
@@ -282,14 +294,13 @@ def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: Serv
     async def completions(request: Request) -> Any:
         req: CompletionRequest = await parse(request, CompletionRequest)
         predictor = await choose(req.model)
-        held = hold(predictor)
-        try:
+
+        def prepare() -> tuple[list[int], SamplingParams]:
             text = req.text()
             prompt = list(predictor.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-            params = sampling(req, predictor, prompt, "prompt", 16)
-        except BaseException:
-            release(held)
-            raise
+            return prompt, sampling(req, predictor, prompt, "prompt", 16)
+
+        held, (prompt, params) = holding(predictor, prepare)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         deltas = run(predictor, prompt, params)
         if req.stream:
@@ -299,10 +310,7 @@ def add_routes(app: FastAPI, provider: Callable[[], Predictor | None], cfg: Serv
 
             return _sse_response(_stream(deltas, lambda d: chunk(d.text, None), lambda d: chunk("", d.finish_reason),
                                          rid, created, req, "text_completion", lambda: release(held)))
-        try:
-            out, last = await _collect(deltas)
-        finally:
-            release(held)
+        out, last = await collect(deltas, held)
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                 "choices": [{"index": 0, "text": out, "logprobs": None, "finish_reason": last.finish_reason}],
                 "usage": _usage(last)}
