@@ -53,6 +53,32 @@ def make_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return rows
 
 
+def run_together(fn, n: int, timeout: float = 300) -> list:
+    """Call ``fn()`` from ``n`` threads released at the same moment (a barrier); returns their
+    results and fails with every error any thread raised."""
+    import threading
+
+    barrier = threading.Barrier(n)
+    results: list = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            barrier.wait(timeout=120)
+            results.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), f"a thread still runs after {timeout} s"
+    return results
+
+
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

@@ -274,31 +274,14 @@ def test_models_loaded_from_several_threads_at_once_leave_transformers_intact(ti
     raypipe's lock can restore a no-op as the original, after which every model of the process
     loads untied and uninitialised. Eight threads load checkpoints together; afterwards the
     originals are in place and a fresh model's tied/initialised weights are real."""
-    import threading
-
     import torch
     from transformers import PreTrainedModel
 
     from raypipe.model import load_checkpoint
+    from tests.conftest import run_together
 
     tie, init = PreTrainedModel.tie_weights, PreTrainedModel.init_weights
-    barrier = threading.Barrier(8)
-    errors: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            barrier.wait(timeout=60)
-            for _ in range(3):
-                load_checkpoint(tiny_checkpoint)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=load) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
+    run_together(lambda: [load_checkpoint(tiny_checkpoint) for _ in range(3)], 8)
     assert PreTrainedModel.tie_weights is tie and PreTrainedModel.init_weights is init
     model, _, _ = load_checkpoint(tiny_checkpoint)
     assert all(p.device.type != "meta" and torch.isfinite(p).all() for p in model.parameters())

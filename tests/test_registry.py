@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 from test_evaluation import (
@@ -494,26 +493,11 @@ def test_two_registrations_racing_for_the_alias_only_one_wins_and_the_other_is_t
     nobody holds yet: without serialisation both would see "no holder" and both would claim it.
     (Threads of one process: the alias lock is a file lock, which excludes them exactly as it
     excludes two processes.)"""
-    import threading
+    from tests.conftest import run_together
 
-    barrier = threading.Barrier(2)
-    results: list[Any] = []
-    errors: list[BaseException] = []
-
-    def racer() -> None:
-        try:
-            barrier.wait(timeout=120)
-            results.append(register_checkpoint(trained, store_cfg, name="reg-race", metrics={"test_macro_f1": 0.5},
-                                               fingerprint="same"))
-        except BaseException as exc:  # noqa: BLE001 - re-raised below in the test thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=racer) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not errors, errors
+    results = run_together(lambda: register_checkpoint(trained, store_cfg, name="reg-race",
+                                                       metrics={"test_macro_f1": 0.5}, fingerprint="same"),
+                           2, timeout=600)
     winners = [r for r in results if r.decision.promoted]
     losers = [r for r in results if not r.decision.promoted]
     assert len(winners) == 1 and len(losers) == 1, [r.decision.reason for r in results]
