@@ -407,17 +407,32 @@ def log_datasets(client: Any, run_id: str, cfg: Any, frames: dict[str, Any], fin
     name>-<split>``, digest from raypipe's fingerprint, source = the data path, the split's schema
     and row count, and the context (train / validation / test) on each input. Lineage is an
     extra: a failure here is a warning, never a failed run."""
+    log_inputs(client, run_id, dataset_inputs(cfg, frames, fingerprint, source))
+
+
+def dataset_inputs(cfg: Any, frames: dict[str, Any], fingerprint: str | None, source: str | None = None) -> list[Any]:
+    """The ``DatasetInput`` entities of :func:`log_datasets` (schema and profile, no rows): small
+    enough to keep where the frames are not (a sweep's trial logger, which Tune pickles)."""
     if not fingerprint:
+        return []
+    try:
+        return _dataset_inputs(cfg, frames, fingerprint, source)
+    except Exception as exc:  # noqa: BLE001
+        print(f"[raypipe] warning: could not describe the dataset inputs: {type(exc).__name__}: {str(exc)[:300]}")
+        return []
+
+
+def log_inputs(client: Any, run_id: str, inputs: list[Any]) -> None:
+    if not inputs:
         return
     try:
-        _log_datasets(client, run_id, cfg, frames, fingerprint, source)
+        client.log_inputs(run_id, datasets=inputs)
     except Exception as exc:  # noqa: BLE001
         print(f"[raypipe] warning: could not log the dataset inputs of run {run_id}: {type(exc).__name__}: "
               f"{str(exc)[:300]}")
 
 
-def _log_datasets(client: Any, run_id: str, cfg: Any, frames: dict[str, Any], fingerprint: str,
-                  source: str | None) -> None:
+def _dataset_inputs(cfg: Any, frames: dict[str, Any], fingerprint: str, source: str | None) -> list[Any]:
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -440,8 +455,7 @@ def _log_datasets(client: Any, run_id: str, cfg: Any, frames: dict[str, Any], fi
                                          digest=dataset_digest(fingerprint))
             entity = ds._to_mlflow_entity()
         inputs.append(DatasetInput(dataset=entity, tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]))
-    if inputs:
-        client.log_inputs(run_id, datasets=inputs)
+    return inputs
 
 
 def _split_frames(splits: Any) -> dict[str, Any]:
@@ -476,13 +490,23 @@ def start_training_run(cfg: Any, splits: Any, run_name: str) -> str:
 
 def log_data_checks(client: Any, run_id: str, splits: Any) -> None:
     """The data checks of the run's splits: ``data.check.*`` params and ``data_check.txt``."""
+    _log_checks(client, run_id, data_checks(splits))
+
+
+def data_checks(splits: Any) -> tuple[dict[str, str], str] | None:
+    """(``data.check.*`` params, the report's text) of the splits, None when nothing was checked."""
     from raypipe.data import check_params
 
     checks = getattr(splits, "checks", None) or {}
     if not checks:
-        return
-    _log_params(client, run_id, check_params(checks))
-    client.log_text(run_id, splits.report() + "\n", "data_check.txt")
+        return None
+    return check_params(checks), splits.report() + "\n"
+
+
+def _log_checks(client: Any, run_id: str, checks: tuple[dict[str, str], str] | None) -> None:
+    if checks is not None:
+        _log_params(client, run_id, checks[0])
+        client.log_text(run_id, checks[1], "data_check.txt")
 
 
 _MONITORS: dict[str, Any] = {}
@@ -667,6 +691,12 @@ def trial_logger(cfg: Any, parent_run_id: str, sweep_name: str, splits: Any, to_
     from raypipe.config import flatten
 
     tracking_uri, experiment = cfg.resolved_tracking_uri, cfg.tracking.experiment
+    # Only what the trial runs need from the splits, computed once here: Tune pickles its
+    # callbacks into the sweep's state (tuner.pkl), and the frames themselves grow with the data.
+    inputs = dataset_inputs(cfg, _split_frames(splits), splits.fingerprint)
+    checks = data_checks(splits)
+    data_params = {"data.train_size": str(len(splits.train)),
+                   **({"data.num_labels": str(len(splits.labels))} if splits.labels else {})}
     common_tags = {
         **version_tags(cfg, splits.fingerprint),
         "mlflow.parentRunId": parent_run_id,
@@ -698,14 +728,10 @@ def trial_logger(cfg: Any, parent_run_id: str, sweep_name: str, splits: Any, to_
             run_id = run.info.run_id
             self._trial_runs[trial] = run_id
             trial_cfg = to_config(sampled)
-            params = safe_params(flatten(trial_cfg.model_dump(mode="json")))
-            params["data.train_size"] = str(len(splits.train))
-            if splits.labels:
-                params["data.num_labels"] = str(len(splits.labels))
-            _log_params(client, run_id, params)
+            _log_params(client, run_id, {**safe_params(flatten(trial_cfg.model_dump(mode="json"))), **data_params})
             client.set_tag(run_id, "raypipe.sampled", json.dumps(sampled, sort_keys=True, default=str)[:5000])
-            log_datasets(client, run_id, trial_cfg, _split_frames(splits), splits.fingerprint)
-            log_data_checks(client, run_id, splits)
+            log_inputs(client, run_id, inputs)
+            _log_checks(client, run_id, checks)
 
         def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
             if "epoch" not in result:

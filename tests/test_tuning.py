@@ -287,3 +287,26 @@ def test_a_sweep_with_relative_paths_keeps_its_runs_under_the_drivers_workdir(
     assert [p.name for p in runs.glob(f"{result.sweep_name}_trial_*")]  # the trial's Train run is here
     session = Path(ray_local._private.worker._global_node.get_session_dir_path())
     assert [p for p in session.rglob("raypipe-work") if result.sweep_name in str(p)] == []  # not in Tune's dirs
+
+
+def test_the_trial_logger_that_tune_pickles_holds_no_rows_of_the_data(tmp_path):
+    """Tune pickles its callbacks into the sweep's state (``tuner.pkl``). The trial logger keeps
+    what the trial runs need from the splits (dataset inputs, data checks, sizes), never the
+    frames: its pickle is the same size for 100 rows and 100x as many."""
+    import ray.cloudpickle as cloudpickle
+
+    from raypipe.data import load_splits
+    from raypipe.tracking import trial_logger
+    from tests.conftest import make_rows, write_csv
+
+    sizes = {}
+    for n in (100, 10_000):
+        data = write_csv(tmp_path / f"rows-{n}.csv", make_rows(n, seed=n))
+        cfg = config_from_dict({"workdir": str(tmp_path / "work"), "name": "pickled",
+                                "data": {"path": str(data), "max_length": 32}})
+        splits = load_splits(cfg.data)
+        logger = trial_logger(cfg, "parent", "sweep", splits, lambda sampled, cfg=cfg: cfg)
+        blob = cloudpickle.dumps(logger)
+        assert splits.train["text"].iloc[0].encode() not in blob
+        sizes[n] = len(blob)
+    assert sizes[10_000] < sizes[100] * 1.2, sizes  # the frames would make it ~100x larger
