@@ -247,6 +247,8 @@ def plan_columns(path: str, columns: list[str], data: Any, inputs: str) -> Plan:
 
     if inputs == "tokens" and data.tokens_column in have:
         return Plan("tokens", [], tokens_column=data.tokens_column)
+    if inputs == "chat" and not set(data.text_columns) <= have and "prompt" in have:
+        return Plan("text", ["prompt"])  # a language model's prompts, as its pyfunc reads them
     for c in data.text_columns:
         need(c, "data.text_columns", "--text-column")
     if inputs == "pair":

@@ -363,3 +363,26 @@ def test_batch_usage_errors_exit_2_with_what_to_give(tmp_path, capsys):
     assert "--model, --input and --output" in capsys.readouterr().err
     assert main(["predict", "--model", "m", "--input", "a.csv", "--output", "o.csv", "stray text"]) == 2
     assert "key.path=value overrides" in capsys.readouterr().err
+
+
+def test_an_sft_model_answers_every_prompt_of_a_jsonl_file_as_its_predictor_does(ray_local, tmp_path, tiny_lm_dir):
+    """``raypipe predict --input`` on a causal LM: one greedy answer per prompt, in input order,
+    the same text the offline Predictor generates; an empty prompt is a rejected row, not a crash."""
+    from raypipe.batch import run
+    from raypipe.config import RaypipeConfig
+    from raypipe.predict import Predictor
+    from tests.conftest import make_sft_checkpoint
+
+    ckpt = make_sft_checkpoint(tmp_path / "sft", tiny_lm_dir, seed=3)
+    prompts = [f"Say something about number {i}." for i in range(12)]
+    src = tmp_path / "prompts.jsonl"
+    rows = [{"id": i, "prompt": p} for i, p in enumerate(prompts)] + [{"id": 12, "prompt": ""}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "answers.jsonl"
+    result = run(str(ckpt), str(src), str(out), RaypipeConfig(workdir=str(tmp_path / "w")), log_run=False)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["id"] for g in got] == list(range(13))
+    assert result.rows_rejected == 1 and got[12]["reject_reason"]
+    expected = Predictor.from_dir(ckpt, device="cpu").predict(prompts)
+    answers = [{k: v for k, v in g.items() if k.startswith("pred_")} for g in got[:12]]
+    assert answers == [{f"pred_{k}": v for k, v in e.items()} for e in expected], (answers[:2], expected[:2])
