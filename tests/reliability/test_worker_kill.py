@@ -11,7 +11,10 @@ worker group from the epoch-1 checkpoint and finish, into the same MLflow run.
 The same run, same seed, without the kill is the baseline for the final accuracy.
 
 A kill with ``max_failures=0`` must end the run FAILED with the error and keep its best
-checkpoint. Slow tier: the kill landing right after a report (before the controller has seen it).
+checkpoint. Slow tier: the kill landing right after a report (before the controller has seen it),
+and the mid-epoch kill with its uninterrupted baseline (two trainings, ~90 s on 2 cores). The
+default tier keeps a worker group restarted from its checkpoint into one MLflow run in
+``test_multinode.py`` (removing a node kills the worker on it) and the no-retries-left case here.
 """
 
 from __future__ import annotations
@@ -134,6 +137,7 @@ def _check_one_finished_run(cfg, result) -> dict:
     return tags
 
 
+@pytest.mark.slow  # two trainings (~90 s); the default tier restarts a worker group in test_multinode.py
 def test_sigkill_of_a_worker_mid_epoch_resumes_from_the_checkpoint_into_one_finished_run(
     ray_local, tiny_config, tmp_path, capfd
 ):
