@@ -1,4 +1,4 @@
-"""``python -m bench all|train|sst2|data|serve|tune|startup|tasks|batch|gpu|report [--quick]``
+"""``python -m bench all|train|sst2|data|serve|tune|startup|tasks|batch|sft|gpu|report [--quick]``
 
 Each benchmark runs its sides alternately and writes ``<out>/<name>.json``. A full run
 (no ``--quick``) writes to ``bench/results/`` and regenerates the tables in BENCHMARKS.md;
@@ -31,6 +31,8 @@ BENCHMARKS = {
     "batch": "bench.batch",
 }
 ORDER = ["startup", "data", "train", "sst2", "serve", "tune", "tasks", "batch"]
+BENCHMARKS["sft"] = "bench.sft"  # 12. SFT: training vs a plain loop, packing, generation serving
+ORDER.append("sft")
 
 
 def run_one(name: str, quick: bool, repeats: int | None, out: Path) -> dict:
