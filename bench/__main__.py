@@ -1,4 +1,4 @@
-"""``python -m bench all|train|sst2|data|serve|tune|startup|tasks|batch|sft|gpu|report [--quick]``
+"""``python -m bench all|train|sst2|data|serve|tune|startup|tasks|batch|gpu|report [--quick]``
 
 Each benchmark runs its sides alternately and writes ``<out>/<name>.json``. A full run
 (no ``--quick``) writes to ``bench/results/`` and regenerates the tables in BENCHMARKS.md;

@@ -259,6 +259,7 @@ def run(quick: bool = False, repeats: int | None = None, work: Path | None = Non
 
     s = settings(quick)
     s["repeats"] = repeats or s["repeats"]
+    s["gen"]["repeats"] = repeats or s["gen"]["repeats"]  # --repeats: the training sides and the servers
     work = work or Path(tempfile.mkdtemp(prefix="raypipe-bench-sft-"))
     ncpu = os.cpu_count() or 2
     t0 = time.perf_counter()
