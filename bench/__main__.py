@@ -31,6 +31,8 @@ BENCHMARKS = {
     "batch": "bench.batch",
 }
 ORDER = ["startup", "data", "train", "sst2", "serve", "tune", "tasks", "batch"]
+BENCHMARKS["sft"] = "bench.sft"  # 12. SFT: training vs a plain loop, packing, generation serving
+ORDER.append("sft")
 
 
 def run_one(name: str, quick: bool, repeats: int | None, out: Path) -> dict:

@@ -349,6 +349,15 @@ RENDER = {"gpu": render_gpu, "batch": render_batch, "tasks": render_tasks, "trai
           "tune": render_tune, "startup": render_startup}
 
 
+def render_sft(r: dict[str, Any]) -> list[str]:
+    from bench import sft
+
+    return sft.render(r)
+
+
+RENDER["sft"] = render_sft
+
+
 def summary(results: dict[str, dict[str, Any]]) -> list[str]:
     out = ["| benchmark | target | result | |", "|---|---|---|---|"]
     t = results.get("train")
@@ -417,6 +426,11 @@ def summary(results: dict[str, dict[str, Any]]) -> list[str]:
         out.append(f"| 6. `raypipe --help` | < 0.5 s | {C.fmt_num(sec['raypipe_help'], 2)} s | {_yes(st['rows'][0]['met'])} |")
         if "serve_cold_start" in sec:
             out.append(f"| 6. Serve cold start to /ready | — | {C.fmt_num(sec['serve_cold_start'], 1)} s | — |")
+    sf = results.get("sft")
+    if sf:
+        from bench import sft as _sft
+
+        out += _sft.summary(sf)
     g = results.get("gpu")
     if g and not g.get("quick") and g.get("machine", {}).get("gpu"):
         for shape, res in (g["parts"].get("g1") or {}).items():

@@ -264,3 +264,99 @@ def test_raypipe_token_replay_matches_the_rows():
     assert one["real_tokens"] < one["processed_tokens"] < 101 * 39
     two = K.raypipe_epoch_counts(lengths, batch_size=8, seed=42, epoch=1, workers=2)
     assert two["samples"] == 100 and two["steps"] == 14  # equal shards of 50 rows: 7 steps each
+
+
+# ----------------------------------------------------------------------- 12. SFT
+
+
+def _alpaca_exists() -> bool:
+    from bench.sft import ALPACA
+
+    return ALPACA.is_file()
+
+
+needs_alpaca = pytest.mark.skipif(not _alpaca_exists(), reason="Alpaca not found beside the checkout")
+
+
+def test_sft_plain_loop_trains_on_raypipes_rows_and_counts_lora_flops(tmp_path, tiny_lm_dir):
+    """bench/sft.py's baseline: the plain loop's own encoding gives exactly the rows raypipe's data
+    path gives (packed and not, bad and over-long examples dropped alike), a replayed raypipe epoch
+    and a plain epoch count the same real tokens, and the LoRA FLOP count matches the adapter
+    raypipe builds. Seconds, no Ray."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from bench import plain_sft as P
+    from bench import sft
+    from raypipe.config import config_from_dict
+    from raypipe.model import build
+    from tests.conftest import SFT_PAIRS
+
+    records = [{"instruction": p, "input": "", "output": r} for p, r in SFT_PAIRS] * 3
+    records += [{"instruction": "Say nothing.", "input": "", "output": ""},  # no answer: dropped
+                {"instruction": "word " * 80, "input": "", "output": "Too long."}]  # no answer token fits
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    s = {"max_length": 48, "batch_size": 4, "epochs": 1, "num_workers": 0}
+    for packing in (True, False):
+        cfg = sft.raypipe_config(tmp_path, "t", tiny_lm_dir, train, train, s, packing)
+        assert cfg.model.peft is not None and cfg.data.packing is packing  # the config's LoRA default
+        plain = P.encode(tok, records, 48, packing)
+        assert sft._same_rows(plain, sft.raypipe_rows(cfg))
+        examples = sum(len(P.segments(plain, r)) for r in range(len(plain["length"])))
+        assert examples == 18 and (len(plain["length"]) < 18) is packing
+        replay = sft.replay_counts(plain, cfg.train, epoch=1)
+        assert replay["real_tokens"] == int(plain["length"].sum()) <= replay["processed_tokens"]
+        assert replay["samples"] == len(plain["length"]) and replay["examples"] == 18
+    lora = sft.lora_settings(str(tiny_lm_dir))
+    epoch = P.train(str(tiny_lm_dir), plain, lora=lora, batch_size=4, epochs=1)["epochs"][0]
+    assert epoch["counts"]["real_tokens"] == replay["real_tokens"] and _finite(epoch["tokens_per_s"])
+
+    dims = sft.lm_dims(str(tiny_lm_dir), lora)
+    model, _ = build(config_from_dict({"task": "sft", "model": {"name": str(tiny_lm_dir)}}).model, {}, "sft")
+    assert dims["lora_params"] == model.raypipe_adapter["trainable_params"] == dims["params"]
+    assert dims["no_input_grad_params"] == 3 * 64 * 64  # layer 0's q/k/v read the frozen embeddings
+    m = dims["matmul_params"]
+    assert dims["flops_per_token"] == 2 * m + 2 * (m - 3 * 64 * 64) + 6 * dims["lora_params"] < 6 * m
+
+
+# slow tier: a benchmark harness smoke run (30-150 s on 2 cores); `make test-slow`
+@pytest.mark.slow
+@pytest.mark.ray
+@needs_alpaca
+def test_sft_quick(ray_local, tmp_path):
+    """The SFT benchmark's whole harness on a few Alpaca rows: four training sides (local mode),
+    the ceiling and MFU, then the trained checkpoint on Ray Serve and on the bare server under
+    streamed chat load from a separate process; and its report block and summary rows."""
+    from bench import common as C
+    from bench import report, sft
+
+    res = sft.run(quick=True, work=tmp_path / "work")
+    assert set(res["tokens_per_s"]) == set(sft.SIDES)
+    assert all(_finite(v["median"]) for v in res["tokens_per_s"].values())
+    assert all(d["same_rows_as_raypipe"] for d in res["data"].values())
+    assert res["data"]["packed"]["real_tokens"] == res["data"]["padded"]["real_tokens"]
+    assert res["data"]["packed"]["rows"] < res["data"]["padded"]["rows"]
+    first = res["rows"][0]
+    assert first["target"] == sft.TARGET and _finite(first["ratio"]["median"])
+    assert all(0.0 <= p["share"] < 1.0 for p in res["packing"].values())
+    assert set(res["utilisation"]) == set(sft.SIDES)
+    assert all(_finite(u["mfu"]["median"]) and u["limit"] for u in res["utilisation"].values())
+    gen = res["generation"]
+    assert [row["concurrency"] for row in gen["table"]] == [1, 8]
+    for row in gen["table"]:
+        for name in ("bare", "serve"):
+            x = row[name]
+            assert x["errors"] == 0 and x["requests"] > 0 and _finite(x["rps"]["median"])
+            assert 0 < x["ttft_p50_ms"]["median"] <= x["p50_ms"]["median"]  # first text before the end
+            assert 0 < x["tokens_per_request"]["median"] <= res["settings"]["gen"]["max_tokens"]
+    out = tmp_path / "results"
+    C.save_result("sft", {**res, "wall_s": 1.0, "quick": True}, out)
+    doc = tmp_path / "B.md"
+    doc.write_text("# B\n\n<!-- BEGIN AUTO sft -->\nstale table\n<!-- END AUTO sft -->\n\nprose stays\n")
+    report.write(out, doc)
+    text = doc.read_text()
+    assert "stale table" not in text and "prose stays" in text and "TTFT" in text and "MFU" in text
+    assert "| 12. SFT tokens/s, raypipe / plain loop" in text
