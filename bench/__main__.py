@@ -1,4 +1,4 @@
-"""``python -m bench all|train|sst2|data|serve|tune|startup|tasks|batch|gpu|report [--quick]``
+"""``python -m bench all|train|sst2|data|serve|tune|startup|tasks|batch|lora|gpu|report [--quick]``
 
 Each benchmark runs its sides alternately and writes ``<out>/<name>.json``. A full run
 (no ``--quick``) writes to ``bench/results/`` and regenerates the tables in BENCHMARKS.md;
@@ -29,8 +29,9 @@ BENCHMARKS = {
     "startup": "bench.startup",
     "tasks": "bench.tasks",
     "batch": "bench.batch",
+    "lora": "bench.lora",
 }
-ORDER = ["startup", "data", "train", "sst2", "serve", "tune", "tasks", "batch"]
+ORDER = ["startup", "data", "train", "sst2", "serve", "tune", "tasks", "batch", "lora"]
 BENCHMARKS["sft"] = "bench.sft"  # 12. SFT: training vs a plain loop, packing, generation serving
 ORDER.append("sft")
 

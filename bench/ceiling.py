@@ -20,9 +20,11 @@ Accounting (``utilisation``):
   token, which overstates MiniLM's FLOPs by ~1.5%), T the *real* tokens processed (attention
   mask sum), 6 = forward (2) + backward (4) per weight per token; the second term is the
   attention scores and the weighted sum over values (4 L H len² forward, x3 with backward) for
-  a row of ``len`` tokens. Padding is counted apart: the FLOPs spent on pad tokens (the same
-  formula over each batch's padded width) are reported as the padding fraction and the
-  "hardware" FLOP/s, never as model FLOPs.
+  a row of ``len`` tokens. With LoRA the frozen base weights (``frozen_non_embedding_params``
+  in the dims) count 4 instead of 6 (forward 2 + the input gradient 2; no weight gradient), and
+  the optimiser's traffic counts the trainable parameters only (``trainable_params``). Padding
+  is counted apart: the FLOPs spent on pad tokens (the same formula over each batch's padded
+  width) are reported as the padding fraction and the "hardware" FLOP/s, never as model FLOPs.
 * MFU = achieved model FLOP/s / the model-shape ceiling in the precision the side trains in.
 * a time budget from those numbers (``budget``): the weight matmuls at the ceiling, the same for
   the pad tokens, the optimiser's memory traffic at the measured bandwidth (fused AdamW reads
@@ -291,7 +293,12 @@ def lookup(ceiling: dict[str, Any], threads: int | None, tokens_per_batch: float
 
 
 def flops(dims: dict[str, Any], tokens: float, sum_sq: float) -> float:
-    return 6.0 * dims["non_embedding_params"] * tokens + 12.0 * dims["layers"] * dims["hidden"] * sum_sq
+    """Model FLOPs of a training pass over ``tokens`` (``sum_sq``: Σ row length²). A frozen
+    weight (``frozen_non_embedding_params``, LoRA's base) needs no weight-gradient matmul in the
+    backward pass: 4 FLOPs per weight per token instead of 6."""
+    frozen = dims.get("frozen_non_embedding_params", 0)
+    return ((6.0 * dims["non_embedding_params"] - 2.0 * frozen) * tokens
+            + 12.0 * dims["layers"] * dims["hidden"] * sum_sq)
 
 
 def utilisation(counts: dict[str, float], seconds: float, dims: dict[str, Any], ceiling: dict[str, Any],
@@ -326,7 +333,8 @@ def budget(u: dict[str, Any], dims: dict[str, Any]) -> dict[str, float]:
     ref, c, t = u["ceiling"], u["counts"], u["seconds"]
     compute = u["model_flops_per_s"] * t / ref["matmul_flops_per_s"]
     padding = (u["hardware_flops_per_s"] - u["model_flops_per_s"]) * t / ref["matmul_flops_per_s"]
-    memory = c["steps"] * OPTIMIZER_BYTES_PER_PARAM * dims["params"] / ref["copy_bytes_per_s"]
+    optimised = dims.get("trainable_params", dims["params"])  # LoRA: the optimiser sees the adapter only
+    memory = c["steps"] * OPTIMIZER_BYTES_PER_PARAM * optimised / ref["copy_bytes_per_s"]
     shares = {"compute": compute / t, "padding": padding / t, "optimizer_memory": memory / t}
     shares["other"] = max(0.0, 1.0 - sum(shares.values()))
     # Elementwise kernels scale with the tokens processed, pad or not (Python per step does not):

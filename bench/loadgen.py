@@ -7,6 +7,11 @@ or a GIL with the server it measures.
 after ``--warmup`` seconds that are not recorded, until ``--duration`` seconds or
 ``--max-requests`` requests have passed (both bounded). Prints one JSON object: requests,
 errors, requests/s, latency percentiles in ms.
+
+``--targets '[{"prefix": "/a"}, {"model": "m-2"}]'`` spreads the load evenly over several
+models: request k goes to target k mod n, at ``URL + prefix + /predict`` and, with ``model``,
+the ``serve_multiplexed_model_id`` header (a multiplexed adapter); the answer then counts the
+requests per target (``by_target``).
 """
 
 from __future__ import annotations
@@ -27,27 +32,35 @@ def percentile(sorted_ms: list[float], q: float) -> float:
 
 
 async def drive(url: str, texts: list[str], concurrency: int, duration: float, max_requests: int,
-                warmup: float, timeout: float) -> dict:
+                warmup: float, timeout: float, targets: list[dict] | None = None) -> dict:
     import httpx
+
+    spread = targets or [{}]
+    by_target = [0] * len(spread)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     lat: list[float] = []
     errors: dict[str, int] = {}
-    state = {"sent": 0, "recording": False}
+    state = {"sent": 0, "recording": False, "next": 0}
     rng = random.Random(0)
 
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
         async def one() -> None:
             body = {"texts": [rng.choice(texts)]}
+            k = state["next"] % len(spread)
+            state["next"] += 1
+            target = spread[k]
+            headers = {"serve_multiplexed_model_id": target["model"]} if target.get("model") else None
             t0 = time.perf_counter()
             try:
-                r = await client.post("/predict", json=body)
+                r = await client.post(f"{target.get('prefix', '')}/predict", json=body, headers=headers)
                 ok, why = r.status_code == 200, f"HTTP {r.status_code}"
             except httpx.HTTPError as exc:
                 ok, why = False, type(exc).__name__
             if state["recording"]:
                 if ok:
                     lat.append((time.perf_counter() - t0) * 1000)
+                    by_target[k] += 1
                 else:
                     errors[why] = errors.get(why, 0) + 1
 
@@ -65,7 +78,7 @@ async def drive(url: str, texts: list[str], concurrency: int, duration: float, m
         await asyncio.gather(*(worker(t0 + duration) for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
     lat.sort()
-    return {
+    out = {
         "concurrency": concurrency,
         "requests": len(lat),
         "errors": errors,
@@ -76,6 +89,10 @@ async def drive(url: str, texts: list[str], concurrency: int, duration: float, m
         "p99_ms": percentile(lat, 99),
         "mean_ms": sum(lat) / len(lat) if lat else float("nan"),
     }
+    if targets:
+        out["by_target"] = {str(t.get("model") or t.get("prefix") or i): n
+                            for i, (t, n) in enumerate(zip(spread, by_target))}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--texts", type=Path, help="one text per line (default: a few fixed sentences)")
+    p.add_argument("--targets", type=json.loads, help='JSON list of {"prefix": ..., "model": ...}: '
+                   "the load is spread evenly over them")
     a = p.parse_args(argv)
     texts = [t for t in a.texts.read_text(encoding="utf-8").splitlines() if t.strip()] if a.texts else [
         "a gorgeous , witty , seductive movie .",
@@ -94,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "it 's a charming and often affecting journey .",
     ]
     out = asyncio.run(drive(a.url.rstrip("/"), texts, a.concurrency, a.duration, a.max_requests,
-                            a.warmup, a.timeout))
+                            a.warmup, a.timeout, a.targets))
     print(json.dumps(out))
     return 0
 

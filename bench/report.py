@@ -345,8 +345,108 @@ def render_gpu(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def _mib(x: float | None) -> str:
+    return "n/a" if not x else f"{x / 2**20:.1f} MiB" if x < 2**30 else f"{x / 2**30:.2f} GiB"
+
+
+def _size(x: float) -> str:
+    return f"{x / 2**20:.2f} MB" if x < 100 * 2**20 else f"{x / 2**20:.0f} MB"
+
+
+def render_lora(r: dict[str, Any]) -> list[str]:
+    """Section 11: per dataset, full fine-tuning vs LoRA at each side's swept lr (sizes,
+    samples/s, peak RSS, test scores, MFU), then the four models served both ways."""
+    s = r["settings"]
+    lo = s["lora"]
+    out = header(r) + [
+        f"Model {s['model']}, fp32, raypipe `training.run` with 1 worker × {s['cpus']} CPU; LoRA r={lo['r']}, "
+        f"alpha={lo['alpha']} on the attention query/value projections, the head trained in full. Each side sweeps "
+        f"its lrs (full {', '.join(f'{x:g}' for x in s['lrs']['full'])}; LoRA "
+        f"{', '.join(f'{x:g}' for x in s['lrs']['lora'])}) and keeps the one with the best validation macro-F1; that "
+        "run's best checkpoint is evaluated once on the test split and registered. samples/s: training steps only, "
+        "the picked run; peak RSS: the Ray Train worker process (VmHWM). The training part took "
+        f"{r['training_wall_s']:.0f} s, the serving part {r['serving']['wall_s']:.0f} s.", "",
+        "| dataset (train / val / test rows, epochs, batch, tokens) | side | lr (val macro-F1) | trainable parameters "
+        "| checkpoint on disk (weights) | registered version (weights) | samples/s | peak RSS | test accuracy "
+        "| test macro-F1 | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, d in r["datasets"].items():
+        rows = d["rows"]
+        what = (f"**{name}** ({rows['train']} / {rows['val']} / {rows['test']}, {d['epochs']} ep, batch "
+                f"{d['batch_size']}, ≤ {d['max_length']})")
+        for side in ("full", "lora"):
+            x, pc = d["sides"][side], d.get("params", {}).get(side, {})
+            cs, rs = x["checkpoint_size"], x["registered_size"]
+            u = d.get("utilisation", {}).get(side)
+            mfu = C.fmt_num(u["mfu"], 2) if u else "—"
+            out.append(
+                f"| {what if side == 'full' else ''} | {'full fine-tuning' if side == 'full' else 'LoRA'} | "
+                f"{x['lr']:g} ({x['best_val']:.4f}) | {pc.get('trainable', 0):,} | {_size(cs['total'])} "
+                f"({_size(cs['weights'])}) | {_size(rs['total'])} ({_size(rs['weights'])}) | {x['samples_per_s']:.1f} | "
+                f"{_mib(x['peak_rss'])} | {x['test']['test_accuracy']:.4f} | {x['test']['test_macro_f1']:.4f} | {mfu} |")
+    out += ["", "| dataset | registered version, full / LoRA | checkpoint on disk, full / LoRA (weights alone) "
+            "| LoRA − full: test accuracy / macro-F1 | samples/s LoRA / full (neighbouring runs) "
+            "| peak RSS LoRA / full |", "|---|---|---|---|---|---|"]
+    for name, d in r["datasets"].items():
+        sx, dp = d["size_x"], d["delta_pt"]
+        out.append(f"| {name} | {sx['registered']:.0f}× | {sx['checkpoint']:.0f}× ({sx['checkpoint_weights']:.0f}×) | "
+                   f"{dp['accuracy']:+.2f} / {dp['macro_f1']:+.2f} pt | {C.fmt_ratio(d['sps_ratio'])} | "
+                   f"{C.fmt_ratio(d['rss_ratio'])} |")
+    out += ["", "Sweeps (validation macro-F1 of each run's best epoch; samples/s): " + "; ".join(
+        f"{name} {side} " + ", ".join(f"lr {t['lr']:g} {t['best_val']:.4f} ({t['samples_per_s']:.1f}/s)"
+                                      for t in d["trials"][side])
+        for name, d in r["datasets"].items() for side in ("full", "lora")) + "."]
+    if r.get("ceiling"):
+        out += ["", ceiling_line(r["ceiling"]), ""]
+        for name, d in r["datasets"].items():
+            dims = r["model_dims"][name]
+            fl, ll = dims["full"], dims["lora"]
+            out += [f"**{name}**, every run of the sweep, against that ceiling (model FLOPs per real token: full "
+                    f"6 × {fl['non_embedding_params']:,} non-embedding parameters; LoRA 6 × "
+                    f"{ll['trainable_params']:,} trained (LoRA matrices, head) + 4 × {ll['frozen_non_embedding_params']:,} "
+                    "frozen (forward + input gradient, no weight gradient); + attention on both; the optimiser's "
+                    "memory share counts the trained parameters):", ""]
+            out += render_utilisation(d["utilisation"], {"full": "full fine-tuning", "lora": "LoRA"}) + [""]
+    v = r["serving"]
+    n = len(v["models"]["lora"])
+    labels = {"adapters_1": f"{n} LoRA adapters, 1 deployment × 1 replica",
+              "adapters_2": f"{n} LoRA adapters, 1 deployment × 2 replicas",
+              "full": f"{n} full models, {n} deployments × 1 replica"}
+    sv = s["serve"]
+    out += [f"Serving: {n} SST-2 models per side (" + "; ".join(
+        f"{m['id']}: {m['run']} epoch {m['epoch']}, lr {m['lr']:g}" for side in ("lora", "full")
+        for m in v["models"][side]) + f"). Load from a separate process, c={sv['concurrency']}, request k to model "
+        f"k mod {n}, one SST-2 dev sentence per request, {sv['duration']:g} s after {sv['warmup']:g} s warm-up, "
+        f"{sv['repeats']} rotating repeat(s); memory read after each load run. "
+        + ("All sides up at once (one Ray with more logical CPUs than cores: a replica reserves 1 CPU)."
+           if v["together"] else "Sides deployed one at a time (the Ray in use has too few CPUs for all at once)."), "",
+        "| side | req/s | p50 / p99 ms | replica RSS, summed | replica PSS, summed | texts per forward pass "
+        "(a replica's /stats, since it started) | errors |",
+        "|---|---|---|---|---|---|---|"]
+    for side, row in v["table"].items():
+        out.append(f"| {labels.get(side, side)} | {C.fmt_num(row['rps'])} | {row['p50_ms']['median']:.0f} / "
+                   f"{row['p99_ms']['median']:.0f} | {_mib(row['rss']['median'])} | {_mib(row['pss']['median'])} | "
+                   f"{row['mean_batch']['median']:.2f} | {row['errors']} |")
+    out += ["", "| comparison, per repeat | replica RSS | replica PSS | req/s |", "|---|---|---|---|"]
+    for side, ratio in v["ratios"].items():
+        out.append(f"| {labels.get(side, side)} / {labels['full']} | {C.fmt_ratio(ratio['rss'])} | "
+                   f"{C.fmt_ratio(ratio['pss'])} | {C.fmt_ratio(ratio['rps'])} |")
+    out += ["", "| target | value | |", "|---|---|---|"]
+    for row in r["rows"]:
+        val = row["value"]
+        if isinstance(val, dict) and "median" in val:
+            shown, tgt = C.fmt_ratio(val), f"≤ {row['target']}×"
+        elif isinstance(val, dict):
+            shown, tgt = " / ".join(f"{x:+.2f}" for x in val.values()) + " pt", f"≥ −{row['target']:g} pt"
+        else:
+            shown, tgt = f"{val:.0f}×", f"≥ {row['target']:g}×"
+        out.append(f"| {row['what']}, {tgt} | {shown} | {_yes(row['met'])} |")
+    return out
+
+
 RENDER = {"gpu": render_gpu, "batch": render_batch, "tasks": render_tasks, "train": render_train, "sst2": render_sst2, "data": render_data, "serve": render_serve,
           "tune": render_tune, "startup": render_startup}
+RENDER["lora"] = render_lora
 
 
 def render_sft(r: dict[str, Any]) -> list[str]:
@@ -413,6 +513,20 @@ def summary(results: dict[str, dict[str, Any]]) -> list[str]:
                 u = t["utilisation"]
                 out.append(f"| 8. {name} MFU, raypipe / HF Trainer | — | {u['raypipe']['mfu']['median']:.2f} / "
                            f"{u['hf_trainer']['mfu']['median']:.2f} | — |")
+    lo = results.get("lora")
+    if lo:
+        for row in lo["rows"]:
+            val = row["value"]
+            if isinstance(val, dict) and "median" in val:
+                out.append(f"| 11. {row['what']} | ≤ {row['target']}× memory | {C.fmt_ratio(val)} | {_yes(row['met'])} |")
+            elif isinstance(val, dict):
+                shown = " / ".join(f"{x:+.2f}" for x in val.values())
+                out.append(f"| 11. {row['what']} | within {row['target']:g} pt | {shown} pt | {_yes(row['met'])} |")
+            else:
+                out.append(f"| 11. {row['what']} | ≥ {row['target']:g}× smaller | {val:.0f}× | {_yes(row['met'])} |")
+        rps = lo["serving"]["ratios"]["adapters_1"]["rps"]
+        out.append(f"| 11. req/s at c={lo['settings']['serve']['concurrency']}, adapters on 1 replica / "
+                   f"full deployments | — | {C.fmt_ratio(rps)} | — |")
     b = results.get("batch")
     if b:
         row = b["rows"][0]

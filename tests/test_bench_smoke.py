@@ -360,3 +360,51 @@ def test_sft_quick(ray_local, tmp_path):
     text = doc.read_text()
     assert "stale table" not in text and "prose stays" in text and "TTFT" in text and "MFU" in text
     assert "| 12. SFT tokens/s, raypipe / plain loop" in text
+
+def _bench_sst2() -> Path:
+    from bench import common as C
+
+    return C.SST2_DIR  # beside the checkout, or $RAYPIPE_BENCH_SST2
+
+
+# slow tier: a benchmark harness smoke run (~2-4 min on 2 busy cores); `make test-slow`
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.skipif(not (_bench_sst2() / "train.tsv").is_file(), reason="SST-2 not found (RAYPIPE_BENCH_SST2)")
+def test_lora_quick(ray_local, tmp_path):
+    """LoRA vs full fine-tuning through raypipe's training, evaluation and registration, then two
+    adapters on one deployment vs two full deployments under load (inside the session's 2-CPU
+    Ray the serving sides take turns); the report renders it. Structure, never speed."""
+    from bench import lora, report
+
+    res = lora.run(quick=True, work=tmp_path)
+    d = res["datasets"]["sst2"]
+    full, lo = d["sides"]["full"], d["sides"]["lora"]
+    for side in (full, lo):
+        assert side["registered"].startswith("models:/") and 0.0 <= side["test"]["test_accuracy"] <= 1.0
+        assert 0.0 <= side["test"]["test_macro_f1"] <= 1.0 and _finite(side["samples_per_s"])
+        assert side["peak_rss"] and side["peak_rss"] > 100 * 2**20  # the Train worker was found and read
+        assert side["checkpoint_size"]["weights"] > 0 and side["registered_size"]["total"] > 0
+    assert lo["peft"]["r"] == 8 and full["peft"] is None
+    assert lo["registered_size"]["weights"] * 20 < full["registered_size"]["weights"]  # adapter vs whole model
+    p = d["params"]
+    assert 0 < p["lora"]["lora"] < p["lora"]["trainable"] < p["full"]["trainable"]
+    dims = res["model_dims"]["sst2"]["lora"]
+    assert dims["frozen_non_embedding_params"] + dims["trainable_params"] == dims["non_embedding_params"]
+    assert all(0.0 < d["utilisation"][s]["mfu"]["median"] <= 1.0 for s in ("full", "lora"))
+
+    v = res["serving"]
+    assert not v["together"]  # the session's Ray has 2 CPUs: one side at a time
+    assert [m["id"] for m in v["models"]["lora"]] == ["lora-0", "lora-1"]
+    expect = {"adapters_1": 1, "adapters_2": 2, "full": 2}
+    for side, replicas in expect.items():
+        (run,) = v["raw"][side]
+        assert run["errors"] == {} and run["requests"] > 0 and run["memory"]["replicas"] == replicas
+        assert all(n > 0 for n in run["by_target"].values()) and len(run["by_target"]) == 2
+        assert run["memory"]["rss"] > 0 and 0 < run["memory"]["pss"] <= run["memory"]["rss"]
+    assert _finite(v["ratios"]["adapters_1"]["rss"]["median"])
+    assert [row["target"] for row in res["rows"]] == [lora.TARGET_SIZE_X, lora.TARGET_ACC_PT, lora.TARGET_MEMORY]
+
+    lines = report.render_lora({**res, "wall_s": 1, "quick": True})
+    assert any(line.startswith("| **sst2**") for line in lines) and any("1 deployment × 2 replicas" in x for x in lines)
+    assert sum(line.startswith("| 11. ") for line in report.summary({"lora": res})) == 4
