@@ -264,7 +264,10 @@ def ray_session(num_cpus: int = 2, dashboard: bool = True):
                               "log_to_driver": True,
                               "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false",
                                                            "MLFLOW_DISABLE_TELEMETRY": "true",
-                                                           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}}
+                                                           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+                                              # as raypipe's own Ray: Ray's actors (Train's placement-
+                                              # group cleaner) find this cluster beside other Rays
+                                              "worker_process_setup_hook": "raypipe.runtime.pin_cluster"}}
     if dashboard:
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=None)
     t0 = time.perf_counter()
