@@ -80,6 +80,7 @@ def build_trainer(
     run_name: str,
     callbacks: list[Any] | None = None,
     train_loop: Any = None,
+    lineage: dict[str, Any] | None = None,
 ) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -88,11 +89,9 @@ def build_trainer(
     from raypipe.runtime import WORKER_ENV, start_retries, worker_resources
 
     tree = cfg.model_dump(mode="json")
-    from raypipe.tracking import git_dirty, git_sha
-
     loop_config = {"cfg": tree, "schema": splits.schema, "fingerprint": splits.fingerprint,
                    "config_record": redact_config(tree),  # what checkpoints record: no credentials
-                   "git_sha": git_sha(), "git_dirty": git_dirty()}
+                   **(lineage if lineage is not None else code_lineage())}
     if cfg.scaling.num_workers == 0:
         loop_config["local_checkpoint_root"] = str(Path(cfg.resolved_storage_path) / run_name)
     return TorchTrainer(
@@ -133,6 +132,13 @@ def local_dir(checkpoint: Any, into: Path) -> str:
     return checkpoint.to_directory(str(into / Path(checkpoint.path).name))
 
 
+def code_lineage() -> dict[str, Any]:
+    """The commit (and dirty flag) of the code this process runs, for the checkpoint's record."""
+    from raypipe.tracking import git_dirty, git_sha
+
+    return {"git_sha": git_sha(), "git_dirty": git_dirty()}
+
+
 def run(
     cfg: RaypipeConfig,
     *,
@@ -142,10 +148,13 @@ def run(
     track: bool = True,
     run_name: str | None = None,
     train_loop: Any = None,
+    lineage: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Fine-tune as configured. ``track=False`` leaves logging to the caller (Tune does it).
 
     ``splits``/``datasets`` let a caller (a sweep) read and tokenise once for many runs.
+    ``lineage``: the git commit/dirty flag to record (a sweep's trials get the driver's: a trial
+    runs in a Ray worker, whose working directory need not be the user's checkout).
     ``train_loop`` replaces the worker function (default ``raypipe.loop.train_loop_per_worker``);
     a wrapper around the default is how fault-injection tests reach inside the workers.
     """
@@ -185,7 +194,8 @@ def run(
 
         callbacks.append(train_callback(cfg.resolved_tracking_uri, mlflow_run))
     trainer = build_trainer(
-        cfg, splits, datasets, use_gpu=use_gpu, run_name=run_name, callbacks=callbacks, train_loop=train_loop
+        cfg, splits, datasets, use_gpu=use_gpu, run_name=run_name, callbacks=callbacks, train_loop=train_loop,
+        lineage=lineage,
     )
     t0 = time.perf_counter()
     from raypipe import console

@@ -128,7 +128,8 @@ def _concrete_cpus(cfg: RaypipeConfig) -> RaypipeConfig:
     return cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"cpus_per_worker": cpus})})
 
 
-def _trial_fn(config: dict[str, Any], base: dict[str, Any], sweep_name: str, splits: Any, datasets: Any) -> None:
+def _trial_fn(config: dict[str, Any], base: dict[str, Any], sweep_name: str, splits: Any, datasets: Any,
+              lineage: dict[str, Any] | None = None) -> None:
     """One trial = one training run, reporting each epoch to Tune (so ASHA can stop it)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -146,6 +147,7 @@ def _trial_fn(config: dict[str, Any], base: dict[str, Any], sweep_name: str, spl
         callbacks=[TuneReportCallback()],
         track=False,
         run_name=f"{sweep_name}_trial_{trial_id}",
+        lineage=lineage,
     )
 
 
@@ -236,7 +238,8 @@ def run(cfg: RaypipeConfig, *, resume: bool = False, splits: Any = None) -> Tune
     datasets = training.prepare_datasets(cfg, splits) if shared_data else None
     trainable = tune.with_resources(
         tune.with_parameters(
-            _trial_fn, base=cfg.model_dump(mode="json"), sweep_name=sweep_name, splits=splits, datasets=datasets
+            _trial_fn, base=cfg.model_dump(mode="json"), sweep_name=sweep_name, splits=splits, datasets=datasets,
+            lineage=training.code_lineage(),  # the driver's checkout, not the trial actor's cwd
         ),
         {"cpu": TRIAL_DRIVER_CPU},
     )
