@@ -262,6 +262,10 @@ def test_raypipe_run_regression_on_sentence_pairs_serves_values_in_the_training_
 # --------------------------------------------------------------------- classification on pairs
 
 
+# Slow tier since 2026-12-07 (~45 s), to keep CI under 30 min: the default tier runs sentence pairs
+# end to end in the regression test above (pair tokenisation, `predict --pairs`) and classification
+# end to end in every other pipeline test; this one is their combination.
+@pytest.mark.slow
 def test_raypipe_run_pair_classification_is_entailment_style_classification(ray_local, tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "nli.csv"
     rows = [("premise,hypothesis,label")]
