@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.plain_loop import batches  # the same shuffled, length-grouped batches as the classification loop
+
 IGNORE = -100
 PACK_CHUNK = 256  # examples per packing pass (raypipe.data.TOKENIZE_ROWS: one tokenizer call)
 
@@ -150,18 +152,6 @@ def add_batch(counts: dict[str, float], rows: Mapping[str, np.ndarray], sel: np.
     counts["processed_tokens"] += len(sel) * width
     counts["real_sq"] += int(sum(int((s ** 2).sum()) for s in segs))
     counts["processed_sq"] += len(sel) * width * width
-
-
-def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, group: bool) -> list[np.ndarray]:
-    """Shuffled batches; with ``group`` rows of similar length share one (windows of 50 batches)."""
-    idx = rng.permutation(len(lengths))
-    if group and len(idx):
-        window = batch_size * 50
-        idx = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
-                              for c in np.split(idx, range(window, len(idx), window))])
-    out = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-    rng.shuffle(out)
-    return out
 
 
 def to_device(rows: Mapping[str, np.ndarray], sel: np.ndarray, device: Any) -> dict[str, Any]:
