@@ -28,6 +28,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from raypipe.batching import BatchWait
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -252,6 +254,9 @@ class GenerationEngine:
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.executor = executor
         self.on_batch = on_batch
+        # A batch waits batch_wait_timeout_s for company only while requests overlap.
+        self.batch_wait = BatchWait(batch_wait_timeout_s)
+        self._wait_s = 0.0  # the wait the latest arrival asked for
         self._waiting: list[_Pending] = []
         self._runner: asyncio.Task[None] | None = None
 
@@ -265,6 +270,7 @@ class GenerationEngine:
         loop = asyncio.get_running_loop()
         item = _Pending(model, tokenizer, activate or contextlib.nullcontext, list(prompt), params,
                         asyncio.Queue(), loop)
+        self._wait_s = self.batch_wait.arrive()
         self._waiting.append(item)
         if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
             self._runner = loop.create_task(self._run())
@@ -277,6 +283,7 @@ class GenerationEngine:
                 if got.finish_reason is not None:
                     return
         finally:
+            self.batch_wait.leave()
             item.cancelled.set()  # a client gone mid-stream frees its row
 
     async def complete(self, model: Any, tokenizer: Any, prompt: Sequence[int], params: SamplingParams, *,
@@ -291,8 +298,8 @@ class GenerationEngine:
         """Take what waits, one batch (of one model) at a time, until nothing waits."""
         loop = asyncio.get_running_loop()
         while self._waiting:
-            if len(self._waiting) < self.max_batch_size and self.batch_wait_timeout_s > 0:
-                await asyncio.sleep(self.batch_wait_timeout_s)
+            if len(self._waiting) < self.max_batch_size and self._wait_s > 0:
+                await asyncio.sleep(self._wait_s)
             first = self._waiting[0]
             batch = [p for p in self._waiting if p.model is first.model and p.activate == first.activate]
             batch = batch[: self.max_batch_size]

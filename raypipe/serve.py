@@ -61,6 +61,7 @@ from raypipe.api import (
     resolve_token,
     warm_up,
 )
+from raypipe.batching import BatchWait
 from raypipe.config import (
     RaypipeConfig,
     ServeConfig,
@@ -124,6 +125,8 @@ class ModelService:
         self.slot = ModelSlot()
         self.spec: ModelSpec | None = None
         self.stats = BatchStats()
+        # Batches wait serve.batch_wait_timeout_s for company only while requests overlap here.
+        self.batch_wait = BatchWait(self.cfg.batch_wait_timeout_s)
         self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypipe-infer")
         self._swap_lock = asyncio.Lock()
         self._last_ok = 0.0
@@ -155,11 +158,14 @@ class ModelService:
     def __serve_build_asgi_app__(self) -> Any:
         # Built per replica after __init__, so the routes close over this replica's slot and
         # batcher instead of a module-level app shared by every deployment in the process.
-        return create_app(self.slot, self.cfg, predict_fn=self.predict, stats=self.stats,
+        return create_app(self.slot, self.cfg, predict_fn=self.predict, stats=self._stats,
                           serving_info=self.serving_info,
                           adapter_fn=self.adapter if self._adapter_uris else None,
                           generation=self.generation, served_ids=self._served_ids,
                           hold=self._hold, release=self._release)
+
+    def _stats(self) -> dict[str, Any]:
+        return {**self.stats.snapshot(), **self.batch_wait.snapshot()}
 
     def _generated(self, requests: int, seconds: float) -> None:
         """A generation batch finished (on the inference thread): stats, metrics, health."""
@@ -201,13 +207,17 @@ class ModelService:
         """The app's predict_fn: through the batcher, unless the request is a batch by itself.
         ``adapter``: the Predictor of a multiplexed adapter the request chose."""
         held = self._hold(adapter)  # before the first await: eviction can't slip in between
+        wait = self.batch_wait.arrive()
         try:
             if len(texts) > self.cfg.max_batch_size:
                 # serve.batch rejects an item larger than a whole batch; such a request already
                 # fills one, so it runs alone (still on the single inference thread).
                 return (await self._run([(texts, adapter)]))[0]
+            # Read by the batcher when this request opens a batch (a lone client's runs at once).
+            self._predict_batch.set_batch_wait_timeout_s(wait)
             return await self._predict_batch((texts, adapter))
         finally:
+            self.batch_wait.leave()
             self._release(held)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_count_texts)

@@ -84,6 +84,19 @@ def test_a_seed_makes_sampling_repeatable_batched_or_not(lm):
     assert other.text != a.text
 
 
+def test_engine_runs_a_lone_request_without_waiting_for_company(lm):
+    """A 30 s batch wait is configured; one request at a time never waits for it."""
+    model, tokenizer, ids = lm
+    engine = GenerationEngine(max_batch_size=8, batch_wait_timeout_s=30.0)
+
+    async def main() -> list:
+        return [await asyncio.wait_for(engine.complete(model, tokenizer, p, GREEDY), 20) for p in ids[:2]]
+
+    done = asyncio.run(main())
+    assert [c.text for c in done] == [c.text for c in generate_batch(model, tokenizer, ids[:2], [GREEDY] * 2)]
+    assert engine.batch_wait.alone == 2 and engine.batch_wait.waited == 0
+
+
 def test_engine_batches_concurrent_requests_and_streams_deltas(lm):
     model, tokenizer, ids = lm
     batches: list[int] = []

@@ -357,6 +357,21 @@ def test_concurrent_requests_are_batched_and_still_match(served, tiny_checkpoint
     assert requests == len(texts)
     assert batches < requests, after  # several requests shared a model call
     assert after["max_batch_size_seen"] > 1
+    assert after["arrivals_waited"] > before["arrivals_waited"]  # overlapping requests waited for company
+
+
+def test_a_lone_client_does_not_make_its_requests_wait_for_company(served):
+    """serve.batch_wait_timeout_s is spent only while requests overlap on the replica: one
+    request at a time (after at most a few, if a burst came just before) opens its batch at once."""
+    for _ in range(12):
+        assert _post(served.url, {"text": "goal"}).status_code == 200
+    before = httpx.get(f"{served.url}/stats").json()
+    for _ in range(8):
+        assert _post(served.url, {"text": "goal"}).status_code == 200
+    after = httpx.get(f"{served.url}/stats").json()
+    assert after["arrivals_alone"] - before["arrivals_alone"] == 8, (before, after)
+    assert after["arrivals_waited"] == before["arrivals_waited"]
+    assert after["batch_wait_s"] == served.cfg.serve.batch_wait_timeout_s
 
 
 @pytest.mark.parametrize("content, content_type, status", [
