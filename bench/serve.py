@@ -48,11 +48,11 @@ SERVE_SIDES: dict[str, tuple[str, dict[str, Any]]] = {
 def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"models": {"tiny": 64}, "concurrency": [1, 8], "duration": 1.0, "warmup": 0.3,
-                "max_requests": 500, "repeats": 1, "servers": ["bare", "serve_batched"]}
+                "max_requests": 500, "repeats": 1, "servers": ["bare", "serve_batched", "serve_direct"]}
     # tiny: the framework's own cost shows (forward ~2 ms); MiniLM at 128 tokens: a real model.
     return {"models": {"tiny": 64, "minilm": 128}, "concurrency": [1, 8, 32], "duration": 3.0, "warmup": 1.0,
             "max_requests": 4000, "repeats": 2,
-            "servers": ["bare", "serve_batched", "serve_unbatched", *_extra_sides()]}
+            "servers": ["bare", "serve_batched", "serve_direct", "serve_unbatched", *_extra_sides()]}
 
 
 def _extra_sides() -> list[str]:
@@ -101,7 +101,7 @@ def run(quick: bool = False, repeats: int | None = None, work: Path | None = Non
     s = settings(quick)
     s["device"] = device
     if device == "cuda":  # one GPU: a second app's replica (1 GPU each) would never be placed
-        s["servers"] = [n for n in s["servers"] if n in ("bare", "serve_batched")]
+        s["servers"] = [n for n in s["servers"] if n in ("bare", "serve_batched", "serve_direct")]
     s["repeats"] = repeats or s["repeats"]
     work = work or Path(tempfile.mkdtemp(prefix="raypipe-bench-serve-"))
     texts = work / "texts.txt"
@@ -173,7 +173,7 @@ def _run_model(model: str, max_length: int, s: dict[str, Any], work: Path, texts
 
             try:
                 for name in s["servers"]:
-                    if name == "bare":
+                    if name in ("bare", "serve_direct"):  # serve_direct: serve_batched's replica URL
                         continue
                     route, opts = SERVE_SIDES[name]
                     cfg = config_from_dict({"workdir": str(work / f"w-{model}"), "serve": {
@@ -184,6 +184,13 @@ def _run_model(model: str, max_length: int, s: dict[str, Any], work: Path, texts
                     startup[f"{name}_deploy_s"] = time.perf_counter() - t0
                     urls[name] = served.url
                     C.log(f"{name} ready at {served.url} in {startup[f'{name}_deploy_s']:.1f}s")
+                    if name == "serve_batched" and "serve_direct" in s["servers"]:
+                        if served.direct_urls:
+                            urls["serve_direct"] = served.direct_urls[0]  # the same replica, no proxy hop
+                            C.log(f"serve_direct (serve_batched's replica) at {urls['serve_direct']}")
+                        else:  # a Serve started before this benchmark, without direct ingress
+                            C.log("serve_direct: no replica URL (Serve was running without direct ingress); skipped")
+                            s["servers"].remove("serve_direct")
                 for r in range(s["repeats"]):
                     for c in s["concurrency"]:
                         names = s["servers"]
@@ -232,6 +239,7 @@ def _run_model(model: str, max_length: int, s: dict[str, Any], work: Path, texts
         return C.stats(x["p50_ms"] - x["server_forward_ms"] for x in raw[name]["1"] if "server_forward_ms" in x)
 
     overhead, bare_overhead, unbatched_overhead = over("serve_batched"), over("bare"), over("serve_unbatched")
+    direct_overhead = over("serve_direct")
     return {
         "checkpoint": {"model": model, "max_length": max_length, "trained": False},
         "forward_in_process": forward,
@@ -246,11 +254,18 @@ def _run_model(model: str, max_length: int, s: dict[str, Any], work: Path, texts
             {"what": "Serve p50 overhead at c=1 (ms, p50 - replica forward)", "value": overhead,
              "target": TARGET_P50_OVERHEAD_MS,
              "met": overhead["median"] <= TARGET_P50_OVERHEAD_MS if overhead and overhead["n"] else None},
+            {"what": f"rps at c={c32['concurrency']}, Serve at the replica's own URL (direct ingress) / bare",
+             "ratio": c32["serve_direct_vs_bare"], "target": TARGET_RPS_C32,
+             "met": c32["serve_direct_vs_bare"]["median"] >= TARGET_RPS_C32} if c32 and "serve_direct" in raw else {},
+            {"what": "Serve at the replica's own URL: p50 overhead at c=1 (ms, p50 - replica forward)",
+             "value": direct_overhead, "target": TARGET_P50_OVERHEAD_MS,
+             "met": direct_overhead["median"] <= TARGET_P50_OVERHEAD_MS if direct_overhead and direct_overhead["n"]
+             else None} if "serve_direct" in raw else {},
             {"what": "Serve (unbatched) p50 overhead at c=1 (ms)", "value": unbatched_overhead,
              "target": None, "met": None},
             {"what": "bare p50 overhead at c=1 (ms, p50 - its own forward)", "value": bare_overhead,
              "target": None, "met": None},
-            *[row for name in s["servers"] if name not in ("bare", "serve_batched", "serve_unbatched")
+            *[row for name in s["servers"] if name not in ("bare", "serve_batched", "serve_unbatched", "serve_direct")
               for row in (
                   {"what": f"{name}: rps at c={c32['concurrency']} / bare", "ratio": c32[f"{name}_vs_bare"],
                    "target": None, "met": None} if c32 else {},

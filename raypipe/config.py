@@ -368,9 +368,15 @@ class ServeConfig(_Section):
     use_gpu: Literal["auto", True, False] = False
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(
-        0.005, ge=0.0, description="How long a batch waits to fill. 0: take what queued while the last "
-        "batch ran (5 ms less latency at low load, smaller batches under load)."
+        0.005, ge=0.0, description="How long a batch waits to fill, while requests overlap on the replica "
+        "(a request that comes alone runs at once). 0: take what queued while the last batch ran "
+        "(smaller batches under load)."
     )
+    direct_ingress: bool = Field(
+        True, description="Each replica also answers HTTP on a port of its own (Serve's direct ingress, "
+        "on serve.host; ports from 30000), skipping the proxy hop: `raypipe serve` and the pipeline print "
+        "those URLs beside the proxy's. Applies when raypipe starts Serve; the proxy's URL (balanced "
+        "over replicas, stable across swaps) works either way.")
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=-1)
     access_log: bool = Field(

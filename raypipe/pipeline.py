@@ -25,6 +25,7 @@ class PipelineResult:
     evaluation: Any = None
     registration: Any = None
     served_url: str | None = None
+    direct_urls: list[str] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     dashboard_url: str | None = None
@@ -68,6 +69,8 @@ class PipelineResult:
             for s in self.samples:
                 mark = "ok " if s["ok"] else "MISS"
                 lines.append(f"  [{mark}] {s['predicted']:<22} (true: {s['expected']})  {s['input'][:60]!r}")
+            for url in self.direct_urls:
+                lines.append(f"replica URL     {url}  (direct, without the proxy hop)")
         lines += [
             "",
             "where things are",
@@ -168,6 +171,7 @@ def run(cfg: RaypipeConfig, *, serve: bool = True, keep_serving: bool = False, s
 
         served = deploy(cfg, out.champion_uri, progress=lambda m: print(f"[raypipe] serve: {m}"))
         out.served_url = served.url
+        out.direct_urls = list(served.direct_urls)
         try:
             task = tasks.get(splits.task)
             picks = _sample(splits.test, task, samples, cfg.data.split_seed)

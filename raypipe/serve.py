@@ -611,9 +611,67 @@ class Served:
     handle: Any = field(repr=False, default=None)
     started_ray: bool = False
     startup_s: float = 0.0
+    # Each replica's own URL (serve.direct_ingress): no proxy hop, but one replica each, and a
+    # replica replaced by a swap of serve settings or a restart may answer on another port.
+    direct_urls: list[str] = field(default_factory=list)
 
     def shutdown(self) -> None:
         shutdown(self)
+
+
+# Serve's direct ingress (ray/serve/_private/constants.py): each replica serves HTTP on a port of
+# its own (30000-30999, on http_options.host) beside the proxy. Serve reads these in its
+# controller, which hands its environment to the replicas; set when raypipe starts Serve. No
+# drain wait before a replica stops (the 30 s default is for external load balancers) and a freed
+# port is reused at once (a restarted replica gets its port back).
+DIRECT_INGRESS_ENV = {
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    "RAY_SERVE_PORT_QUARANTINE_S": "0",
+}
+
+
+def _direct_urls(s: ServeConfig, proxy_url: str, token: str | None, say: Callable[[str], None],
+                 timeout_s: float = 2.0) -> list[str]:
+    """The app's replicas' own URLs (direct ingress), each checked with ``/ready``; [] (and a
+    note) when the running Serve was started without direct ingress."""
+    import httpx
+
+    from ray.serve.context import _get_global_client
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    proxy_port = int(s.port)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:  # private accessor (the same data as the dashboard's /api/serve/applications/)
+            groups = _get_global_client().get_serve_details().get("target_groups") or []
+        except Exception:  # noqa: BLE001 - an older or different Serve: no direct URLs
+            groups = []
+        targets = sorted({(t["ip"], t["port"]) for g in groups if g.get("app_name") == s.app_name
+                          and "HTTP" in str(g.get("protocol", "")).upper()
+                          for t in g.get("targets", []) if t["port"] != proxy_port})
+        if targets or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    if not targets:
+        say("  note: no direct replica URL — this Serve was started without direct ingress "
+            "(`serve shutdown` and deploy again, or set RAY_SERVE_ENABLE_DIRECT_INGRESS=1 on the cluster)")
+        return []
+    prefix = s.route_prefix.rstrip("/")
+    if s.host in ("0.0.0.0", "::", ""):  # replicas listen on every interface of their node
+        urls = [f"http://{'[' + ip + ']' if ':' in ip else ip}:{port}{prefix}" for ip, port in targets]
+    else:  # on serve.host of their node: reachable as such only on this node
+        import ray
+
+        here = ray.util.get_node_ip_address()
+        base = proxy_url.rsplit(":", 1)[0]  # http://host of the proxy's URL
+        urls = [f"{base}:{port}{prefix}" for ip, port in targets if ip == here]
+    for u in urls:
+        try:
+            httpx.get(f"{u}/ready", headers=headers, timeout=5).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise RaypipeError(f"a replica's direct URL {u} does not answer /ready: {exc}") from exc
+    return urls
 
 
 def client_url(s: ServeConfig) -> str:
@@ -740,7 +798,8 @@ def deploy(cfg: RaypipeConfig, model_uri: str | None = None, blocking: bool = Fa
     from raypipe.runtime import ensure_ray, room_for
 
     started_ray = ensure_ray(cfg)
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(http_options={"host": s.host, "port": s.port},
+                controller_options={"runtime_env": {"env_vars": dict(DIRECT_INGRESS_ENV)}} if s.direct_ingress else None)
     shape = _shape(cfg, model_uri)
     running = _running_version(s.app_name)
     replicas = s.num_replicas if s.autoscaling is None else s.autoscaling.min_replicas
@@ -770,9 +829,12 @@ def deploy(cfg: RaypipeConfig, model_uri: str | None = None, blocking: bool = Fa
     finally:
         stop.set()
     _wait_ready(url, token, ready_timeout_s)
+    direct = _direct_urls(s, url, token, say) if s.direct_ingress else []
     served = Served(url=url, app_name=s.app_name, model_uri=model_uri, handle=handle,
-                    started_ray=started_ray, startup_s=time.perf_counter() - start)
+                    started_ray=started_ray, startup_s=time.perf_counter() - start, direct_urls=direct)
     say(f"ready in {served.startup_s:.1f} s: POST {url}/predict  (docs: {url}/docs)")
+    for d in direct:
+        say(f"  direct to a replica, without the proxy hop: POST {d}/predict")
     if blocking:
         say("serving; press Ctrl-C to stop")
         restore = _sigterm_as_interrupt()
