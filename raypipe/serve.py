@@ -631,16 +631,27 @@ DIRECT_INGRESS_ENV = {
 }
 
 
+def _serve_running() -> bool:
+    """Whether a Serve controller runs in this cluster already (its settings then stay)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client(raise_if_no_controller_running=False) is not None
+    except Exception:  # noqa: BLE001 - a private accessor: when in doubt, not started here
+        return True
+
+
 def _direct_urls(s: ServeConfig, proxy_url: str, token: str | None, say: Callable[[str], None],
                  timeout_s: float = 2.0) -> list[str]:
-    """The app's replicas' own URLs (direct ingress), each checked with ``/ready``; [] (and a
-    note) when the running Serve was started without direct ingress."""
-    import httpx
+    """The app's replicas' own URLs (direct ingress) that answer ``/ready``; [] (and a note) when
+    the running Serve was started without direct ingress."""
+    from urllib.parse import urlsplit
 
+    import httpx
     from ray.serve.context import _get_global_client
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    proxy_port = int(s.port)
+    proxy_port = urlsplit(proxy_url).port  # where the proxy really listens (Serve may predate cfg)
     deadline = time.monotonic() + timeout_s
     while True:
         try:  # private accessor (the same data as the dashboard's /api/serve/applications/)
@@ -666,12 +677,14 @@ def _direct_urls(s: ServeConfig, proxy_url: str, token: str | None, say: Callabl
         here = ray.util.get_node_ip_address()
         base = proxy_url.rsplit(":", 1)[0]  # http://host of the proxy's URL
         urls = [f"{base}:{port}{prefix}" for ip, port in targets if ip == here]
+    answering = []
     for u in urls:
         try:
             httpx.get(f"{u}/ready", headers=headers, timeout=5).raise_for_status()
-        except httpx.HTTPError as exc:
-            raise RaypipeError(f"a replica's direct URL {u} does not answer /ready: {exc}") from exc
-    return urls
+            answering.append(u)
+        except httpx.HTTPError as exc:  # the proxy's URL works; say why this one is left out
+            say(f"  note: the replica URL {u} does not answer /ready ({exc}); use the proxy's")
+    return answering
 
 
 def client_url(s: ServeConfig) -> str:
@@ -798,6 +811,7 @@ def deploy(cfg: RaypipeConfig, model_uri: str | None = None, blocking: bool = Fa
     from raypipe.runtime import ensure_ray, room_for
 
     started_ray = ensure_ray(cfg)
+    fresh_serve = not _serve_running()
     serve.start(http_options={"host": s.host, "port": s.port},
                 controller_options={"runtime_env": {"env_vars": dict(DIRECT_INGRESS_ENV)}} if s.direct_ingress else None)
     shape = _shape(cfg, model_uri)
@@ -829,7 +843,8 @@ def deploy(cfg: RaypipeConfig, model_uri: str | None = None, blocking: bool = Fa
     finally:
         stop.set()
     _wait_ready(url, token, ready_timeout_s)
-    direct = _direct_urls(s, url, token, say) if s.direct_ingress else []
+    # (A Serve started here lists its replicas' ports at once; allow a moment for the controller.)
+    direct = _direct_urls(s, url, token, say, timeout_s=2.0 if fresh_serve else 0.0) if s.direct_ingress else []
     served = Served(url=url, app_name=s.app_name, model_uri=model_uri, handle=handle,
                     started_ray=started_ray, startup_s=time.perf_counter() - start, direct_urls=direct)
     say(f"ready in {served.startup_s:.1f} s: POST {url}/predict  (docs: {url}/docs)")

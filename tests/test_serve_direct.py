@@ -8,6 +8,7 @@ any Serve another module left running first, and stops its own at the end.
 
 from __future__ import annotations
 
+import json
 import socket
 
 import httpx
@@ -31,7 +32,7 @@ def _listeners(port: int) -> set[str]:
 
 
 def test_each_replica_answers_on_its_own_loopback_port_with_the_same_app(
-    ray_local, tiny_checkpoint, tmp_path
+    ray_local, tiny_checkpoint, tmp_path, capsys, monkeypatch
 ):
     from ray import serve
 
@@ -57,6 +58,12 @@ def test_each_replica_answers_on_its_own_loopback_port_with_the_same_app(
             assert httpx.post(f"{url}/predict", json={"texts": []}, timeout=60).status_code == 422
             replicas.add(httpx.get(f"{url}/metadata", timeout=30).json()["serving"]["replica"])
         assert len(replicas) == 2  # one URL per replica (and the proxy's reaches one of them)
+        from raypipe.cli import main as cli
+
+        monkeypatch.delenv("RAYPIPE_TOKEN", raising=False)
+        capsys.readouterr()
+        assert cli(["predict", "--url", served.direct_urls[0], "--json", *texts]) == 0  # the CLI takes it too
+        assert [p["label"] for p in json.loads(capsys.readouterr().out)] == want
         for url in served.direct_urls:
             port = int(url.rsplit(":", 1)[1].split("/")[0])
             assert _listeners(port) == {"127.0.0.1"}  # serve.host only: no 0.0.0.0, no ::

@@ -73,19 +73,21 @@ def _running_replicas(app_name: str) -> int:
 
 
 class Deployed:
-    """serve.start on a free port + raypipe's deploy; torn down so later tests see no Serve."""
+    """raypipe's deploy on a free port, in a Serve it starts itself (so with raypipe's defaults,
+    direct ingress included); torn down so later tests see no Serve."""
 
     def __init__(self, tmp_path: Path, checkpoint: Path, name: str, **serve_opts):
         from ray import serve
 
         from raypipe.serve import deploy
 
+        serve.shutdown()  # (no Serve is left running by earlier tests; this makes sure)
         port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = config_from_dict({"workdir": str(tmp_path / "work"),
                                 "serve": {"port": port, "app_name": name, **serve_opts}})
         t0 = time.perf_counter()
         self.served = deploy(cfg, str(checkpoint), ready_timeout_s=180)
+        assert self.served.direct_urls  # the replicas' own ports are up beside the proxy
         self.startup_s = time.perf_counter() - t0
         self.url, self.app_name = self.served.url, self.served.app_name
 
