@@ -467,7 +467,7 @@ class EpochWatcher:
     storage (``<run dir>/checkpoint_*/raypipe.json``): the workers' own prints stay in the log
     file, and nothing here depends on which process Ray Train reports in."""
 
-    def __init__(self, run_dir: str, metric: str, epochs: int, interval_s: float = 2.0):
+    def __init__(self, run_dir: str, metric: str, epochs: int, interval_s: float = 1.0):
         self.run_dir, self.metric, self.epochs = Path(run_dir), metric, epochs
         self.interval_s = interval_s
         self.seen: set[int] = set()
@@ -482,18 +482,21 @@ class EpochWatcher:
         for meta in sorted(self.run_dir.glob("checkpoint_*/raypipe.json")):
             try:
                 record = json.loads(meta.read_text(encoding="utf-8"))
-            except (OSError, ValueError):  # being written
+            except (OSError, ValueError):  # being written, or pruned under us
                 continue
-            epoch = int(record.get("epoch", 0))
-            if epoch in self.seen or not epoch:
-                continue
-            self.seen.add(epoch)
-            value = record.get("metrics", {}).get(self.metric)
-            elapsed = time.monotonic() - self.start
-            eta = elapsed / len(self.seen) * max(self.epochs - max(self.seen), 0)
-            shown = "n/a" if value is None else f"{value:.4f}"
-            lines.append(f"epoch {epoch}/{self.epochs}  {self.metric} {shown}  elapsed {duration(elapsed)}  "
-                         f"ETA {duration(eta)}")
+            # Each checkpoint carries the run's history: an epoch whose own checkpoint Ray pruned
+            # (keep_checkpoints) before this poll still gets its line.
+            for row in record.get("history") or [record.get("metrics", {}) | {"epoch": record.get("epoch", 0)}]:
+                epoch = int(row.get("epoch", 0))
+                if epoch in self.seen or not epoch:
+                    continue
+                self.seen.add(epoch)
+                value = row.get(self.metric)
+                elapsed = time.monotonic() - self.start
+                eta = elapsed / len(self.seen) * max(self.epochs - max(self.seen), 0)
+                shown = "n/a" if value is None else f"{value:.4f}"
+                lines.append(f"epoch {epoch}/{self.epochs}  {self.metric} {shown}  elapsed {duration(elapsed)}  "
+                             f"ETA {duration(eta)}")
         for line in lines:
             say(line)
         return lines

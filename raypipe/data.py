@@ -894,14 +894,83 @@ def _arrow_table(cols: dict[str, Any]) -> Any:
     return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else v for k, v in cols.items()})
 
 
-def _tokenised_blocks(frame: Any, tok: Tokenize) -> list[Any]:
-    """Arrow tables of ``BLOCK_ROWS`` encoded examples, in the layout ``Tokenize`` gives Ray Data
-    (an empty frame gives one empty table with the same columns)."""
+def _encoded_blocks(frame: Any, tok: Tokenize) -> list[dict[str, Any]]:
+    """Numpy columns of ``BLOCK_ROWS`` encoded examples each, in the layout ``Tokenize`` gives
+    Ray Data (an empty frame gives one empty block with the same columns)."""
     import numpy as np
 
     blocks = []
     for start in range(0, max(len(frame), 1), BLOCK_ROWS):
         end = min(start + BLOCK_ROWS, len(frame))
         parts = [tok(frame.iloc[a : min(a + TOKENIZE_ROWS, end)]) for a in range(start, max(end, start + 1), TOKENIZE_ROWS)]
-        blocks.append(_arrow_table({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}))
+        blocks.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     return blocks
+
+
+def _tokenised_blocks(frame: Any, tok: Tokenize) -> list[Any]:
+    """:func:`_encoded_blocks` as Arrow tables (what ``ray.data.from_arrow`` takes)."""
+    return [_arrow_table(cols) for cols in _encoded_blocks(frame, tok)]
+
+
+# --- encoded rows held in Ray's object store: training without a Ray Data pipeline ---
+
+
+@dataclass
+class HeldRows:
+    """Encoded training rows the driver tokenised, as blocks of numpy columns in Ray's object
+    store (``ray.put``: zero-copy for the workers of the driver's node).
+
+    Each Train worker takes a contiguous share (``take(rank, world)``) and fetches only the
+    blocks it overlaps. A Ray Dataset would carry the same blocks, but reading one in a Train
+    run starts five actors per run (a DatasetManager, a SplitCoordinator per split, Ray Data's
+    stats and autoscaling actors): ~4 s before the first step on 2 cores and ~5 CPU-s that the
+    training workers lose, for rows that are already in memory (BENCHMARKS.md, row 3). Rows
+    tokenised on the cluster (inputs beyond ``IN_DRIVER_MAX_CELLS``) stay a Ray Dataset. The
+    blocks belong to the driver, so losing a worker node loses none of them.
+    """
+
+    blocks: list[Any]  # ObjectRefs of dict[str, np.ndarray]
+    sizes: list[int]  # rows per block
+    columns: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype, row shape), for an empty share
+
+    @classmethod
+    def put(cls, blocks: list[dict[str, Any]]) -> HeldRows:
+        import ray
+
+        first = blocks[0]
+        return cls(blocks=[ray.put(b) for b in blocks], sizes=[len(b["length"]) for b in blocks],
+                   columns={k: (str(v.dtype), tuple(v.shape[1:])) for k, v in first.items()})
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.sizes)
+
+    def take(self, rank: int, world: int) -> dict[str, Any]:
+        """Rows ``[n * rank // world, n * (rank + 1) // world)``: every row in exactly one share
+        (validation metrics count each example once), shares at most one row apart."""
+        import numpy as np
+        import ray
+
+        n = self.num_rows
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        ends = np.cumsum(self.sizes)
+        wanted = [i for i, end in enumerate(ends) if end > lo and end - self.sizes[i] < hi]
+        parts = []
+        for i, block in zip(wanted, ray.get([self.blocks[i] for i in wanted])):
+            start = int(ends[i]) - self.sizes[i]
+            parts.append({k: v[max(lo - start, 0) : min(hi, int(ends[i])) - start] for k, v in block.items()})
+        if not parts:
+            return {k: np.zeros((0, *shape), dtype=dtype) for k, (dtype, shape) in self.columns.items()}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def training_data(frame: Any, splits: Splits, tokenizer_source: str, max_length: int, *,
+                  in_driver: bool | None = None) -> Any:
+    """What a training run reads a split from: :class:`HeldRows` when the driver tokenises (rows
+    up to ``IN_DRIVER_MAX_CELLS``), else a Ray Dataset tokenised on the cluster."""
+    if in_driver is None:
+        in_driver = len(frame) * max_length <= IN_DRIVER_MAX_CELLS
+    if not in_driver and len(frame):
+        return to_ray_dataset(frame, splits, tokenizer_source, max_length, in_driver=False)
+    tok = Tokenize(tokenizer_source=tokenizer_source, max_length=max_length, task=splits.task, schema=splits.schema)
+    return HeldRows.put(_encoded_blocks(frame.reset_index(drop=True), tok))

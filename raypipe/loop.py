@@ -2,7 +2,9 @@
 
 ``train_loop_per_worker(config)`` runs inside each Ray Train worker (or in-process in local
 mode, ``num_workers=0``). It differs from a plain PyTorch loop only where Ray needs it to:
-the data comes from ``ray.train.get_dataset_shard``, the model is wrapped by
+the data is this worker's share of the rows the driver put in Ray's object store
+(``raypipe.data.HeldRows``; ``ray.train.get_dataset_shard`` for rows tokenised on the
+cluster), the model is wrapped by
 ``prepare_model``, progress leaves through ``ray.train.report`` with a checkpoint, and a
 restarted worker group picks up from ``ray.train.get_checkpoint()``.
 """
@@ -130,8 +132,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
 
     # --- data: this worker's shards, held in memory; equal step counts on every worker ---
-    train_rows = _collect(ray.train.get_dataset_shard("train"))
-    val_rows = _collect(ray.train.get_dataset_shard("val"))
+    held = config.get("held") or {}  # splits the driver tokenised (raypipe.data.HeldRows)
+    train_rows, val_rows = (held[name].take(rank, world) if name in held else _collect(ray.train.get_dataset_shard(name))
+                            for name in ("train", "val"))
     n_rows = torch.tensor(num_rows(train_rows), device=device)
     _all_reduce(n_rows, torch.distributed.ReduceOp.MIN if _dist() else None)
     rows_per_worker = int(n_rows.item())  # DDP needs every worker to take the same steps

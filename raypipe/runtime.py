@@ -12,12 +12,19 @@ from raypipe.errors import ConfigError
 
 log = logging.getLogger("raypipe")
 
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray propagates it driver -> controller
+
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",  # tokenizers' own threads fight torch's on small hosts
     "MLFLOW_DISABLE_TELEMETRY": "true",
     # Train V2 routes worker print() through a logger *and* the raw stream, so every progress
     # line reached the driver twice; plain stdout is forwarded by Ray exactly once.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Train V2's controller looks at its workers every 2 s by default, and a worker's
+    # ``report`` waits until the previous one has been collected (a queue of one): every
+    # epoch and the run's start and end wait for that tick. On a tiny model an 8-epoch run
+    # took 41.7 s at 2 s and 24.1 s at 0.25 s; 0.5 s costs the controller a few ms a second.
+    TRAIN_POLL_ENV: "0.5",
 }
 
 

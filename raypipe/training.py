@@ -1,4 +1,4 @@
-"""The driver side of training: data -> Ray Datasets -> ``TorchTrainer`` -> MLflow run.
+"""The driver side of training: data -> encoded rows -> ``TorchTrainer`` -> MLflow run.
 
 ``run(cfg)`` is what ``raypipe train``, the notebook and every Tune trial call. It validates
 everything it can (data, model source, resources) before any Ray work starts, then builds a
@@ -7,6 +7,7 @@ everything it can (data, model source, resources) before any Ray work starts, th
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raypipe.config import RaypipeConfig
-from raypipe.data import Splits, load_splits, to_ray_dataset
+from raypipe.data import HeldRows, Splits, load_splits, training_data
 from raypipe.errors import TrainingError
 from raypipe.model import read_meta, resolve_model_source
 from raypipe.tracking import redact_config, redact_uri, ui_hint
@@ -64,9 +65,10 @@ def make_run_name(cfg: RaypipeConfig) -> str:
 
 
 def prepare_datasets(cfg: RaypipeConfig, splits: Splits) -> dict[str, Any]:
+    """The encoded train/val splits: ``HeldRows`` (tokenised here) or Ray Datasets (on the cluster)."""
     source = resolve_model_source(cfg.model.name)
     return {
-        name: to_ray_dataset(frame, splits, source, cfg.data.max_length)
+        name: training_data(frame, splits, source, cfg.data.max_length)
         for name, frame in (("train", splits.train), ("val", splits.val))
     }
 
@@ -86,12 +88,18 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from raypipe.loop import train_loop_per_worker
-    from raypipe.runtime import WORKER_ENV, start_retries, worker_resources
+    from raypipe.runtime import TRAIN_POLL_ENV, WORKER_ENV, start_retries, worker_resources
+
+    # Read from this process's environment when fit() starts the controller (a user's value wins;
+    # a Ray started elsewhere, e.g. in a notebook, did not get raypipe's defaults).
+    os.environ.setdefault(TRAIN_POLL_ENV, WORKER_ENV[TRAIN_POLL_ENV])
 
     tree = cfg.model_dump(mode="json")
     loop_config = {"cfg": tree, "schema": splits.schema, "fingerprint": splits.fingerprint,
                    "config_record": redact_config(tree),  # what checkpoints record: no credentials
                    **(lineage if lineage is not None else code_lineage())}
+    loop_config["held"] = {k: v for k, v in datasets.items() if isinstance(v, HeldRows)}
+    ray_datasets = {k: v for k, v in datasets.items() if not isinstance(v, HeldRows)}
     if cfg.scaling.num_workers == 0:
         loop_config["local_checkpoint_root"] = str(Path(cfg.resolved_storage_path) / run_name)
     return TorchTrainer(
@@ -118,7 +126,7 @@ def build_trainer(
             callbacks=callbacks or None,
             worker_runtime_env={"env_vars": dict(WORKER_ENV)},
         ),
-        datasets=datasets,
+        datasets=ray_datasets or None,
     )
 
 

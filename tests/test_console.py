@@ -71,6 +71,19 @@ def test_a_training_run_gets_one_line_per_epoch_from_the_checkpoints_it_writes(t
     assert capsys.readouterr().out.count("[raypipe] epoch") == 2
 
 
+def test_an_epoch_whose_checkpoint_was_pruned_before_the_watcher_looked_still_gets_its_line(tmp_path, capsys):
+    import json
+
+    watcher = console.EpochWatcher(str(tmp_path), "val_pearson", epochs=3)
+    history = [{"epoch": e, "val_pearson": v} for e, v in ((1, 0.5), (2, 0.75), (3, 0.875))]
+    last = tmp_path / "checkpoint_2026-12-07_00-03-00.000000"  # keep_checkpoints=1: only epoch 3's is left
+    last.mkdir()
+    (last / "raypipe.json").write_text(json.dumps({"epoch": 3, "metrics": history[-1], "history": history}))
+    assert [ln.split("  elapsed")[0] for ln in watcher.poll()] == [
+        "epoch 1/3  val_pearson 0.5000", "epoch 2/3  val_pearson 0.7500", "epoch 3/3  val_pearson 0.8750"]
+    assert watcher.poll() == [] and capsys.readouterr().out.count("[raypipe] epoch") == 3
+
+
 def test_hushed_keeps_a_logger_below_warning_for_one_call_only(caplog):
     log = logging.getLogger("ray.train.v2.some.module")
     with caplog.at_level(logging.INFO, logger="ray.train"):

@@ -424,6 +424,43 @@ def test_driver_and_cluster_tokenisation_give_the_same_dataset(ray_local, toy_cs
     assert empty.count() == 0 and str(empty.schema()) == str(driver.schema())
 
 
+@pytest.mark.ray
+def test_held_rows_give_each_worker_a_contiguous_share_and_every_row_once(ray_local, toy_csv, tiny_model_dir,
+                                                                          monkeypatch):
+    """What a training run reads when the driver tokenises: the same rows as the cluster's Ray
+    Dataset, cut into shares that cover every row exactly once (validation counts each example
+    once) and differ by at most one row, each worker fetching only the blocks it overlaps."""
+    import numpy as np
+
+    import raypipe.data
+    from raypipe.data import HeldRows, load_splits, to_ray_dataset, training_data
+
+    monkeypatch.setattr(raypipe.data, "BLOCK_ROWS", 100)
+    splits = load_splits(DataConfig(path=str(toy_csv), max_length=32))
+    frame = pd.concat([splits.train] * 2, ignore_index=True)
+    held = training_data(frame, splits, str(tiny_model_dir), 32)
+    assert isinstance(held, HeldRows) and held.num_rows == len(frame) and len(held.blocks) == -(-len(frame) // 100)
+    cluster = to_ray_dataset(frame, splits, str(tiny_model_dir), 32, in_driver=False).to_pandas()
+    for world in (1, 3, 7):
+        shares = [held.take(rank, world) for rank in range(world)]
+        sizes = [len(s["length"]) for s in shares]
+        assert sum(sizes) == len(frame) and max(sizes) - min(sizes) <= 1, (world, sizes)
+        for col in ("input_ids", "attention_mask", "length", "labels"):
+            joined = np.concatenate([s[col] for s in shares])
+            assert np.array_equal(joined, np.stack(cluster[col].to_numpy())), (world, col)
+    import ray
+
+    fetched, real_get = [], ray.get
+    monkeypatch.setattr(ray, "get", lambda refs, **kw: fetched.append(len(refs)) or real_get(refs, **kw))
+    held.take(0, -(-len(frame) // 100))  # a share of at most 100 rows from row 0: the first block
+    assert fetched == [1]
+    monkeypatch.undo()
+    empty = training_data(frame.iloc[:0], splits, str(tiny_model_dir), 32).take(0, 2)
+    assert {k: (v.shape[1:], v.dtype) for k, v in empty.items()} == {
+        k: (np.stack(cluster[k].to_numpy()).shape[1:], np.stack(cluster[k].to_numpy()).dtype) for k in empty}
+    assert all(len(v) == 0 for v in empty.values())
+
+
 # --- files as they come (no header, stray quotes, CRLF, latin-1, one example per line) ---------
 
 
