@@ -235,6 +235,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         "--backend-store-uri", cfg.resolved_tracking_uri,
         "--default-artifact-root", cfg.resolved_artifact_location,
         "--host", args.host, "--port", str(args.port),
+        "--workers", str(args.workers),
     ]
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)")
     try:
@@ -362,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, required=False)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes (default 1: one person's UI; MLflow's own default of 4 starts "
+                        "4 copies of MLflow, ~4x the memory and start-up on a laptop)")
     return parser
 
 

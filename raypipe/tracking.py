@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -311,12 +312,37 @@ def train_callback(tracking_uri: str, run_id: str) -> Any:
         def __init__(self) -> None:
             self.logger = EpochLogger(tracking_uri, run_id)
             self.failures = 0
+            self._warming: threading.Thread | None = None
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {**self.__dict__, "_warming": None}
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            # Unpickled in the Train controller: import MLflow and open the store (~2 s on 2
+            # cores) while the controller starts its workers. Done in the first report instead,
+            # it held up the controller's polling, and with it the workers' next report.
+            self.__dict__.update(state)
+            self._warming = threading.Thread(target=self._warm, daemon=True, name="raypipe-mlflow-warm")
+            self._warming.start()
+
+        def _warm(self) -> None:
+            try:
+                self.logger.logged_steps()
+            except Exception:  # noqa: BLE001 - the first report reads them again and says why
+                pass
+
+        def _ready(self) -> None:
+            if self._warming is not None:
+                self._warming.join()
+                self._warming = None
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            self._ready()
             if metrics and metrics[0]:
                 self.logger.log(metrics[0])  # rank 0's metrics are the run's metrics
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            self._ready()
             self.failures += 1
             first = next(iter(worker_exceptions.values()), None)
             client = self.logger._client()

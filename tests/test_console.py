@@ -220,18 +220,13 @@ _RAY_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("verbose", [False, True], ids=["default", "RAYPIPE_VERBOSE=1"])
-def test_verbose_brings_rays_output_back(tmp_path, verbose):
-    env = _env(**({console.VERBOSE_ENV: "1"} if verbose else {}))
-    proc = subprocess.run([sys.executable, "-c", _RAY_SCRIPT, str(tmp_path / "work")], env=env,
-                          capture_output=True, text=True, timeout=300)
+def test_verbose_brings_rays_output_back(tmp_path):
+    # The default's side of this (worker lines and Ray's INFO off the console, in the log file
+    # instead) is the toy run's: NOISE's "worker pid prefixes" and "Ray's INFO lines", and the
+    # RayTrainWorker line test_the_full_log_is_under_the_workdir_and_the_summary_says_where finds.
+    proc = subprocess.run([sys.executable, "-c", _RAY_SCRIPT, str(tmp_path / "work")],
+                          env=_env(**{console.VERBOSE_ENV: "1"}), capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    worker_line = re.search(r"\(shout pid=\d+\)\S* hello from a ray worker", out)  # (Ray colours the prefix)
-    ray_info = "Started a local Ray instance" in out
-    logs = list((tmp_path / "work" / "logs").glob("*.log"))
-    if verbose:
-        assert worker_line and ray_info, out
-    else:
-        assert not worker_line and not ray_info, out
-        assert len(logs) == 1 and "hello from a ray worker" in logs[0].read_text()
+    assert re.search(r"\(shout pid=\d+\)\S* hello from a ray worker", out), out  # (Ray colours the prefix)
+    assert "Started a local Ray instance" in out, out

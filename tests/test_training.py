@@ -229,3 +229,24 @@ def test_a_worker_reserving_just_under_2_cpus_still_gets_2_torch_threads(ray_loc
         return before, torch.get_num_threads()
 
     assert ray.get(threads.remote()) == (1, 2)
+
+
+def test_the_epoch_callback_opens_the_mlflow_store_as_it_reaches_the_controller(tmp_path):
+    """Not in its first report: there it held up the controller's polling (and the workers)."""
+    import cloudpickle
+    from mlflow.tracking import MlflowClient
+
+    from raypipe.tracking import train_callback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("warm")).info.run_id
+    client.log_metric(run_id, "val_loss", 0.5, step=1)  # as if a restarted controller took over
+    cb = train_callback(uri, run_id)
+    assert cb.logger._logged is None  # nothing opened in the driver
+    remote = cloudpickle.loads(cloudpickle.dumps(cb))  # how Ray hands it to the controller
+    remote._warming.join(timeout=120)
+    assert remote.logger._logged == {1}  # read back before any report arrived
+    remote.after_report(None, [{"epoch": 1, "val_loss": 0.4}], None)  # logged already: not twice
+    remote.after_report(None, [{"epoch": 2, "val_loss": 0.3}], None)
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2]
