@@ -924,7 +924,7 @@ class HeldRows:
     blocks it overlaps. A Ray Dataset would carry the same blocks, but reading one in a Train
     run starts five actors per run (a DatasetManager, a SplitCoordinator per split, Ray Data's
     stats and autoscaling actors): ~4 s before the first step on 2 cores and ~5 CPU-s that the
-    training workers lose, for rows that are already in memory (BENCHMARKS.md, row 3). Rows
+    training workers lose, for rows that are already in memory (README, "Tokenisation"). Rows
     tokenised on the cluster (inputs beyond ``IN_DRIVER_MAX_CELLS``) stay a Ray Dataset. The
     blocks belong to the driver, so losing a worker node loses none of them.
     """

@@ -163,3 +163,17 @@ def test_predict_missing_checkpoint_exits_2(tmp_path, capsys):
     assert main(["predict", "--model", str(tmp_path / "nope"), "hello"]) == 2
     err = capsys.readouterr().err
     assert "raypipe predict: error:" in err and "is not a checkpoint directory (no such directory)" in err
+
+
+def test_ui_starts_one_mlflow_server_process_unless_told_more(tmp_path, monkeypatch):
+    """(The process itself and its loopback bind: tests/reliability/test_bind_defaults.py.)"""
+    from raypipe import cli
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: started.append(cmd) or 0)
+    config = tmp_path / "ui.yaml"
+    config.write_text(f"workdir: {tmp_path / 'work'}\n", encoding="utf-8")
+    for extra in ([], ["--workers", "3"]):
+        assert cli.main(["ui", "-c", str(config), *extra]) == 0
+    assert [cmd[cmd.index("--workers") + 1] for cmd in started] == ["1", "3"]
+    assert all(cmd[cmd.index("--host") + 1] == "127.0.0.1" for cmd in started)
